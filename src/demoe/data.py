@@ -1,0 +1,257 @@
+"""Training data: sharp images from folders or the dead-leaves model, degraded on the fly.
+
+``SyntheticPairs`` is an endless, seeded stream of ``(blurry, sharp, label)``
+patches: each draws a sharp patch (a photograph from the given folders with
+probability ``photo_fraction``, else a procedural dead-leaves image), a task
+uniformly, and that task's generator from :mod:`demoe.degrade`.
+``PairFolder`` reads real (blurry, sharp) pairs for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from .degrade import GENERATORS
+from .model import TASKS
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+
+
+def natural_key(path: Path) -> list:
+    """Sort key that orders ``img2`` before ``img10``."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
+
+
+def list_images(folders: Sequence[str | Path], recursive: bool = True) -> list[Path]:
+    """Image files under ``folders``, in natural order."""
+    files = []
+    for folder in folders:
+        folder = Path(folder)
+        if folder.is_file():
+            files.append(folder)
+            continue
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder not found: {folder}")
+        pattern = "**/*" if recursive else "*"
+        files += [p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(files, key=natural_key)
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read an image as float32 RGB in [0, 1] (8- or 16-bit; gray replicated)."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError(f"cannot read image {path}")
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2RGB)
+    return img.astype(np.float32) / scale
+
+
+# -- procedural images --------------------------------------------------------------
+def dead_leaves(size: int, rng: np.random.Generator, *, r_min: float = 2.0, r_max: float | None = None,
+                alpha: float = 3.0, discs: int = 3000, textured: bool = True) -> np.ndarray:
+    """Dead-leaves image: occluding discs with power-law radii (natural edge statistics).
+
+    ``discs`` discs with radii drawn from p(r) ~ r^-alpha are painted back to
+    front (the last painted is the front-most) into a label map; each disc then
+    gets a random colour and, if ``textured``, a shading gradient and fine noise.
+    """
+    r_max = r_max or size / 3
+    # Inverse-CDF sampling of p(r) ~ r^-alpha on [r_min, r_max].
+    a = 1 - alpha
+    r = (r_min**a + rng.random(discs) * (r_max**a - r_min**a)) ** (1 / a)
+    cy, cx = rng.uniform(0, size, (2, discs))
+    labels = np.zeros((size, size), np.int32)
+    for i in range(discs):
+        cv2.circle(labels, (int(cx[i]), int(cy[i])), int(round(r[i])), i + 1, -1, cv2.LINE_8)
+    idx = labels - 1  # -1: uncovered (rare), shares the colour of the last disc
+    colour = rng.random((discs, 3)).astype(np.float32)
+    img = colour[idx]
+    if textured:
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        g = rng.normal(0, 0.3, (discs, 2)).astype(np.float32)
+        shade = 1 + (g[idx, 0] * (yy - cy[idx]) + g[idx, 1] * (xx - cx[idx])) / (2 * r[idx])
+        img *= np.clip(shade, 0.3, 1.7)[..., None].astype(np.float32)
+        img += rng.normal(0, rng.uniform(0, 0.04), img.shape).astype(np.float32)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+# -- datasets ------------------------------------------------------------------------
+class SyntheticPairs(torch.utils.data.IterableDataset):
+    """Endless seeded stream of synthetically degraded patches.
+
+    Parameters
+    ----------
+    images : list of ndarray
+        Sharp float RGB images (may be empty: then only dead leaves).
+    patch : int
+        Output patch size.
+    photo_fraction : float
+        Probability of a photograph rather than a dead-leaves image.
+    tasks : sequence of str
+        Tasks to draw from (uniformly).
+    seed : int
+        Base seed; every worker gets its own stream.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], patch: int = 128, *, photo_fraction: float = 0.8,
+                 tasks: Sequence[str] = TASKS, seed: int = 0, margin: int = 32):
+        self.images = [im for im in images if min(im.shape[:2]) >= patch + 2 * margin]
+        self.patch = patch
+        self.photo_fraction = photo_fraction if self.images else 0.0
+        self.tasks = list(tasks)
+        self.seed = seed
+        self.margin = margin  # context around the patch so blur has real pixels to pull in
+
+    def sample(self, rng: np.random.Generator):
+        size = self.patch + 2 * self.margin
+        if rng.random() < self.photo_fraction:
+            img = self.images[rng.integers(len(self.images))]
+            h, w = img.shape[:2]
+            y, x = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+            crop = img[y : y + size, x : x + size]
+        else:
+            crop = dead_leaves(size, rng)
+        crop = np.rot90(crop, rng.integers(4))
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        crop = np.ascontiguousarray(crop)
+        task = self.tasks[rng.integers(len(self.tasks))]
+        options = {}
+        if rng.random() < 0.3:
+            options["noise"] = float(rng.uniform(0, 0.02))
+        if rng.random() < 0.2:
+            options["jpeg"] = int(rng.integers(60, 96))
+        if rng.random() < 0.1:
+            options["saturate"] = float(rng.uniform(0.001, 0.02))
+        pair = GENERATORS[task](crop, rng, **options)
+        m, p = self.margin, self.patch
+        blurry = pair.blurry[m : m + p, m : m + p]
+        sharp = pair.sharp[m : m + p, m : m + p]
+        return (torch.from_numpy(np.ascontiguousarray(blurry.transpose(2, 0, 1))),
+                torch.from_numpy(np.ascontiguousarray(sharp.transpose(2, 0, 1))),
+                TASKS.index(task))
+
+    def __iter__(self) -> Iterator:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        cv2.setNumThreads(1)
+        rng = np.random.default_rng([self.seed, worker])
+        while True:
+            yield self.sample(rng)
+
+
+class PairFolder(torch.utils.data.IterableDataset):
+    """Real (blurry, sharp) pairs: ``DIR/blurry/NAME`` and ``DIR/sharp/NAME``.
+
+    ``task`` labels every pair (for the router loss); random aligned crops.
+    """
+
+    def __init__(self, folder: str | Path, task: str, patch: int = 128, seed: int = 0):
+        folder = Path(folder)
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; valid tasks are: {', '.join(TASKS)}")
+        blurry = {p.name: p for p in list_images([folder / "blurry"])}
+        sharp = {p.name: p for p in list_images([folder / "sharp"])}
+        names = sorted(set(blurry) & set(sharp), key=natural_key)
+        if not names:
+            raise ValueError(f"{folder}: no matching file names in blurry/ and sharp/")
+        self.pairs = [(read_rgb(blurry[n]), read_rgb(sharp[n])) for n in names]
+        self.label, self.patch, self.seed = TASKS.index(task), patch, seed
+
+    def __iter__(self) -> Iterator:
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, 1000 + (info.id if info else 0)])
+        p = self.patch
+        while True:
+            b, s = self.pairs[rng.integers(len(self.pairs))]
+            h, w = b.shape[:2]
+            y, x = rng.integers(0, max(h - p, 0) + 1), rng.integers(0, max(w - p, 0) + 1)
+            b, s = b[y : y + p, x : x + p], s[y : y + p, x : x + p]
+            yield (torch.from_numpy(np.ascontiguousarray(b.transpose(2, 0, 1))),
+                   torch.from_numpy(np.ascontiguousarray(s.transpose(2, 0, 1))), self.label)
+
+
+class Mixed(torch.utils.data.IterableDataset):
+    """Interleave several endless streams with given probabilities."""
+
+    def __init__(self, streams: Sequence[torch.utils.data.IterableDataset], weights: Sequence[float], seed: int = 0):
+        self.streams, self.weights, self.seed = list(streams), np.asarray(weights, float), seed
+
+    def __iter__(self) -> Iterator:
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, 2000 + (info.id if info else 0)])
+        its = [iter(s) for s in self.streams]
+        p = self.weights / self.weights.sum()
+        while True:
+            yield next(its[rng.choice(len(its), p=p)])
+
+
+def load_photos(folders: Sequence[str | Path], max_side: int | None = None) -> list[np.ndarray]:
+    """Read every image under ``folders`` as float RGB (optionally downscaled)."""
+    photos = []
+    for path in list_images(folders):
+        img = read_rgb(path)
+        if max_side and max(img.shape[:2]) > max_side:
+            f = max_side / max(img.shape[:2])
+            img = cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+        photos.append(img)
+    return photos
+
+
+def prepare_photos(sources: Sequence[str | Path], out: str | Path, *, short_side: int = 640,
+                   min_downscale: float = 1.5, min_size: int = 256, exclude: str | None = None) -> list[Path]:
+    """Downscale photographs for training (area interpolation) and save them as PNG.
+
+    Every image is shrunk by at least ``min_downscale`` and to at most
+    ``short_side`` on its short side, so JPEG artefacts and the camera's own
+    blur fall below a pixel. Images smaller than ``min_size`` afterwards and
+    paths matching the regular expression ``exclude`` are skipped.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rx = re.compile(exclude) if exclude else None
+    written = []
+    for path in list_images(sources):
+        if rx and rx.search(str(path)):
+            continue
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is None:
+            continue
+        f = min(1 / min_downscale, short_side / min(img.shape[:2]))
+        small = cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+        if min(small.shape[:2]) < min_size:
+            continue
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(path.parts[-4:]))
+        dest = out / (Path(name).stem + ".png")
+        cv2.imwrite(str(dest), small)
+        written.append(dest)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demoe.data", description="Prepare training photographs.")
+    parser.add_argument("sources", nargs="+", help="folders or files of photographs")
+    parser.add_argument("-o", "--out", required=True, help="output folder (PNG)")
+    parser.add_argument("--short-side", type=int, default=640)
+    parser.add_argument("--min-downscale", type=float, default=1.5)
+    parser.add_argument("--min-size", type=int, default=256)
+    parser.add_argument("--exclude", default=None, help="regular expression of paths to skip")
+    args = parser.parse_args(argv)
+    written = prepare_photos(args.sources, args.out, short_side=args.short_side,
+                             min_downscale=args.min_downscale, min_size=args.min_size, exclude=args.exclude)
+    print(f"wrote {len(written)} images to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

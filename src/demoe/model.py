@@ -1,0 +1,330 @@
+"""The DeMoE network (Feijoo et al., 2025): a NAFNet U-Net whose decoder is a
+mixture of experts, routed by a blur-type classifier.
+
+Read top to bottom like the paper's figure: the NAF block, the mixture-of-experts
+block, the router, then the network. Parameter names and shapes follow the
+published checkpoints exactly (see ``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Task names in expert order: ``TASKS[i]`` is handled by expert ``i``.
+TASKS: tuple[str, ...] = (
+    "defocus",
+    "global_motion",
+    "local_motion",
+    "synth_global_motion",
+    "low_light",
+)
+
+
+class LayerNorm2d(nn.Module):
+    """Layer norm over the channel axis at every pixel (biased variance)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu = x.mean(1, keepdim=True)
+        var = (x - mu).pow(2).mean(1, keepdim=True)
+        x = (x - mu) / torch.sqrt(var + self.eps)
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+class SimpleGate(nn.Module):
+    """Split the channels in two halves and multiply them (2c -> c)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return a * b
+
+
+class NAFBlock(nn.Module):
+    """The NAFNet block (Chen et al., 2022) on ``c`` channels."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm1 = LayerNorm2d(c)
+        self.conv1 = nn.Conv2d(c, 2 * c, 1)
+        self.conv2 = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+        self.gate = SimpleGate()
+        # Simplified channel attention: global average pool, then a 1x1 conv.
+        self.sca = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, c, 1))
+        self.conv3 = nn.Conv2d(c, c, 1)
+        self.norm2 = LayerNorm2d(c)
+        self.conv4 = nn.Conv2d(c, 2 * c, 1)
+        self.conv5 = nn.Conv2d(c, c, 1)
+        # Zero residual scales: a fresh block is the identity.
+        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        t = self.gate(self.conv2(self.conv1(self.norm1(u))))
+        t = t * self.sca(t)
+        y = u + self.conv3(t) * self.beta
+        z = self.gate(self.conv4(self.norm2(y)))
+        return y + self.conv5(z) * self.gamma
+
+
+class NAFStage(nn.Module):
+    """A chain of NAF blocks (``modules_list`` in the checkpoint)."""
+
+    def __init__(self, c: int, num_blocks: int):
+        super().__init__()
+        self.modules_list = nn.ModuleList(NAFBlock(c) for _ in range(num_blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.modules_list:
+            x = block(x)
+        return x
+
+
+class MoEBlock(nn.Module):
+    """``num_exp`` NAF blocks mixed by per-image routing weights.
+
+    Only the top ``k`` experts of every image are used, their weights
+    renormalised to sum to one. An expert that carries no weight for any image
+    of the batch is not run at all; an expert is run only on the images that
+    chose it.
+    """
+
+    def __init__(self, c: int, num_exp: int):
+        super().__init__()
+        self.experts = nn.ModuleList(NAFBlock(c) for _ in range(num_exp))
+
+    def forward(self, x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+        # ``mix`` is the (N, num_exp) matrix of renormalised top-k weights,
+        # zero where an expert was not chosen (see ``DeMoE.mixing_weights``).
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows = torch.nonzero(mix[:, e] > 0).flatten()
+            if rows.numel() == 0:
+                continue
+            w = mix[rows, e].to(x.dtype).view(-1, 1, 1, 1)
+            if rows.numel() == x.shape[0]:
+                out = out + w * expert(x)
+            else:
+                out = out.index_add(0, rows, w * expert(x[rows]))
+        return out
+
+
+class Router(nn.Module):
+    """The blur-type classifier (``mlp_branch``): bottleneck features -> logits."""
+
+    def __init__(self, in_channels: int, num_exp: int, hidden: int = 256, fc: int = 128):
+        super().__init__()
+        self.conv_bottleneck = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(0.2),
+        )
+        self.attention = nn.Sequential(nn.Conv2d(hidden, 1, 1), nn.Sigmoid())
+        self.classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(hidden, fc),
+            nn.BatchNorm1d(fc),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.3),
+            nn.Linear(fc, num_exp),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.conv_bottleneck(x)
+        f = f * self.attention(f)
+        return self.classifier(f)
+
+
+class DeMoE(nn.Module):
+    """DeMoE: all-in-one deblurring with a mixture of decoder experts.
+
+    Parameters
+    ----------
+    img_channel : int
+        Image channels in and out (3 for the published model).
+    width : int
+        Channels after the intro convolution; level ``i`` has ``width * 2**i``.
+    middle_blk_num : int
+        NAF blocks at the bottleneck.
+    enc_blk_nums, dec_blk_nums : sequence of int
+        NAF blocks per encoder / decoder level (same length ``L``).
+    num_exp : int
+        Number of experts in every MoE block (the published model: 5, one per
+        entry of :data:`TASKS`).
+    k_used : int
+        Experts used per image (top-k of the routing weights).
+
+    Notes
+    -----
+    ``model(x, task=None)`` restores a batch ``(N, C, H, W)`` of any size.
+    ``task`` None or ``"auto"`` routes each image by the classifier; a task name
+    forces that expert for every image.
+    """
+
+    def __init__(
+        self,
+        img_channel: int = 3,
+        width: int = 32,
+        middle_blk_num: int = 1,
+        enc_blk_nums: Sequence[int] = (1, 1, 1, 28),
+        dec_blk_nums: Sequence[int] = (1, 1, 1, 1),
+        num_exp: int = 5,
+        k_used: int = 1,
+    ):
+        super().__init__()
+        if len(enc_blk_nums) != len(dec_blk_nums):
+            raise ValueError(
+                f"enc_blk_nums and dec_blk_nums must have the same length, "
+                f"got {list(enc_blk_nums)} and {list(dec_blk_nums)}"
+            )
+        if not 1 <= k_used <= num_exp:
+            raise ValueError(f"k_used must be in 1..{num_exp} (num_exp), got {k_used}")
+        self.config = dict(
+            img_channel=int(img_channel),
+            width=int(width),
+            middle_blk_num=int(middle_blk_num),
+            enc_blk_nums=[int(n) for n in enc_blk_nums],
+            dec_blk_nums=[int(n) for n in dec_blk_nums],
+            num_exp=int(num_exp),
+        )
+        self.k_used = int(k_used)
+        self.img_channel = int(img_channel)
+        self.num_exp = int(num_exp)
+        levels = len(enc_blk_nums)
+        self.padder_size = 2**levels
+
+        self.intro = nn.Conv2d(img_channel, width, 3, padding=1)
+        self.encoders = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        ch = width
+        for n in enc_blk_nums:
+            self.encoders.append(NAFStage(ch, n))
+            self.downs.append(nn.Conv2d(ch, 2 * ch, 2, stride=2))
+            ch *= 2
+        self.middle_blks = NAFStage(ch, middle_blk_num)
+        self.mlp_branch = Router(ch, num_exp)
+
+        self.experts = nn.ModuleList([MoEBlock(ch, num_exp)])
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for n in dec_blk_nums:
+            self.ups.append(nn.Sequential(nn.Conv2d(ch, 2 * ch, 1, bias=False), nn.PixelShuffle(2)))
+            ch //= 2
+            self.decoders.append(NAFStage(ch, n))
+            self.experts.append(MoEBlock(ch, num_exp))
+        self.ending = nn.Conv2d(width, img_channel, 3, padding=1)
+
+    # -- routing ----------------------------------------------------------
+    def task_index(self, task: str | None) -> int | None:
+        """Expert index of ``task``; None for automatic routing."""
+        if task is None or task == "auto":
+            return None
+        if task not in TASKS[: self.num_exp]:
+            valid = ", ".join(["auto", *TASKS[: self.num_exp]])
+            raise ValueError(f"unknown task {task!r}; valid tasks are: {valid}")
+        return TASKS.index(task)
+
+    def mixing_weights(self, probs: torch.Tensor) -> torch.Tensor:
+        """Keep the top ``k_used`` routing weights of every row, renormalised."""
+        top, idx = probs.topk(self.k_used, dim=1)
+        top = top / top.sum(dim=1, keepdim=True)
+        return torch.zeros_like(probs).scatter(1, idx, top)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor of shape (N, {self.img_channel}, H, W), got {type(x).__name__}")
+        if x.ndim != 4 or x.shape[1] != self.img_channel:
+            raise ValueError(
+                f"expected input of shape (N, {self.img_channel}, H, W), got {tuple(x.shape)}"
+            )
+        if min(x.shape) < 1:
+            raise ValueError(f"input has an empty axis: shape {tuple(x.shape)}")
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ph = (-h) % self.padder_size
+        pw = (-w) % self.padder_size
+        return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = self.intro(x)
+        skips = []
+        for encoder, down in zip(self.encoders, self.downs):
+            x = encoder(x)
+            skips.append(x)
+            x = down(x)
+        return x, skips
+
+    def route_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits (N, num_exp) for an image batch."""
+        self._check_input(x)
+        bottleneck, _ = self._encode(self._pad(x))
+        return self.mlp_branch(bottleneck)
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Routing weights (N, num_exp): the softmax of the router's logits."""
+        return self.route_logits(x).softmax(dim=1)
+
+    # -- forward -------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        task: str | None = None,
+        weights: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ):
+        """Restore a batch.
+
+        Parameters
+        ----------
+        x : Tensor (N, C, H, W)
+            Images scaled to [0, 1].
+        task : str or None
+            None/"auto" routes by the classifier; a name in :data:`TASKS` forces
+            that expert.
+        weights : Tensor (N, num_exp), optional
+            Routing weights to use instead of the router's (for example, one set
+            estimated for a whole image and shared by all its tiles).
+        return_logits : bool
+            Also return the router's logits (for training).
+        """
+        self._check_input(x)
+        forced = self.task_index(task)
+        h, w = x.shape[-2:]
+        inp = self._pad(x)
+        y, skips = self._encode(inp)
+
+        logits = None
+        if weights is not None:
+            probs = weights.to(device=y.device, dtype=torch.float32)
+            if probs.shape != (x.shape[0], self.num_exp):
+                raise ValueError(f"weights must have shape ({x.shape[0]}, {self.num_exp}), got {tuple(probs.shape)}")
+        elif forced is not None:
+            probs = torch.zeros(x.shape[0], self.num_exp, device=y.device)
+            probs[:, forced] = 1.0
+        if return_logits or (weights is None and forced is None):
+            logits = self.mlp_branch(y)
+        if weights is None and forced is None:
+            probs = logits.float().softmax(dim=1)
+        mix = self.mixing_weights(probs)
+
+        y = self.middle_blks(y)
+        y = self.experts[0](y, mix)
+        for i, (up, decoder) in enumerate(zip(self.ups, self.decoders)):
+            y = up(y) + skips[-1 - i]
+            y = decoder(y)
+            y = self.experts[i + 1](y, mix)
+        out = (self.ending(y) + inp)[..., :h, :w]
+        if return_logits:
+            return out, logits
+        return out

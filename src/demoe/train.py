@@ -1,0 +1,305 @@
+"""Train or fine-tune DeMoE.
+
+Loss: reconstruction (L1 or PSNR loss) on the restored image plus
+cross-entropy of the router's logits against the task label, so the
+classifier learns to recognise the blur. During training each image is sent
+to the expert of its true task (the router is trained by its own loss); at
+inference the router chooses. AdamW with a cosine schedule, gradient
+clipping, seeded data, checkpoints every ``ckpt_every`` steps that a rerun of
+the same command resumes from, and a final safetensors export whose header
+holds the training record.
+
+Run ``demoe train --help`` (or ``python -m demoe.train --help``). Options come
+from a TOML file (``--config``) and the command line, the latter winning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_model, model_from_state_dict, read_checkpoint, resolve_device, save_model
+from .model import TASKS, DeMoE
+
+
+@dataclass
+class TrainConfig:
+    # architecture (ignored when fine-tuning from --init)
+    width: int = 16
+    enc_blk_nums: list[int] = field(default_factory=lambda: [1, 1, 2, 4])
+    middle_blk_num: int = 2
+    dec_blk_nums: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    num_exp: int = 5
+    top_k: int = 1
+    init: str | None = None  # checkpoint to fine-tune from (published format or ours)
+    freeze_encoder: bool = False  # train only experts, router, decoder
+    # data
+    photos: list[str] = field(default_factory=list)  # folders of sharp photographs
+    pairs: list[str] = field(default_factory=list)  # "FOLDER:TASK" with blurry/ and sharp/
+    photo_fraction: float = 0.8
+    pair_fraction: float = 0.5
+    max_side: int | None = None
+    patch: int = 128
+    batch: int = 16
+    workers: int = 2
+    # optimisation
+    steps: int = 20000
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-3
+    warmup: int = 200
+    grad_clip: float = 0.5
+    loss: str = "psnr"  # or "l1"
+    router_weight: float = 0.1
+    amp: str = "none"  # or "bf16" (autocast on CUDA)
+    seed: int = 0
+    device: str | None = None
+    # bookkeeping
+    out: str = "runs/demoe"
+    ckpt_every: int = 500
+    time_limit: float | None = None  # minutes; stop cleanly (and checkpoint) after this
+    fit_to_time: bool = False  # shorten `steps` so the cosine schedule ends at time_limit
+    log_every: int = 50
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "TrainConfig":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown options {sorted(unknown)}")
+        return cls(**data)
+
+
+def psnr_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Negative PSNR (dB), averaged over the batch (as in NAFNet's PSNRLoss)."""
+    mse = (pred - target).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(mse + 1e-8).mean()
+
+
+def batch_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    mse = (pred.clamp(0, 1) - target).pow(2).flatten(1).mean(1)
+    return float((-10 * torch.log10(mse + 1e-10)).mean())
+
+
+def build_model(cfg: TrainConfig) -> DeMoE:
+    if cfg.init:
+        state_dict, metadata = read_checkpoint(cfg.init)
+        return model_from_state_dict(state_dict, top_k=cfg.top_k, metadata={}, origin=cfg.init)
+    return DeMoE(3, cfg.width, cfg.middle_blk_num, cfg.enc_blk_nums, cfg.dec_blk_nums, cfg.num_exp, cfg.top_k)
+
+
+def build_data(cfg: TrainConfig):
+    import cv2
+
+    from .data import Mixed, PairFolder, SyntheticPairs, load_photos
+
+    # OpenCV's thread pool does not survive the DataLoader's fork: keep it single-threaded.
+    cv2.setNumThreads(1)
+
+    photos = load_photos(cfg.photos, cfg.max_side) if cfg.photos else []
+    stream = SyntheticPairs(photos, cfg.patch, photo_fraction=cfg.photo_fraction, seed=cfg.seed)
+    if cfg.pairs:
+        pair_streams = []
+        for spec in cfg.pairs:
+            folder, _, task = spec.rpartition(":")
+            if not folder:
+                raise ValueError(f"--pairs takes FOLDER:TASK, got {spec!r}")
+            pair_streams.append(PairFolder(folder, task, cfg.patch, cfg.seed))
+        w = [1 - cfg.pair_fraction] + [cfg.pair_fraction / len(pair_streams)] * len(pair_streams)
+        stream = Mixed([stream, *pair_streams], w, cfg.seed)
+    return stream, len(photos)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Run (or resume) training; returns the path of the exported safetensors."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "last.pt"
+
+    model = build_model(cfg).to(device)
+    if cfg.freeze_encoder:
+        for name, p in model.named_parameters():
+            if name.startswith(("intro.", "encoders.", "downs.", "middle_blks.")):
+                p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.9))
+
+    step, record = 0, {"wall_time_s": 0.0, "sessions": []}
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["params"])
+        opt.load_state_dict(state["optimizer"])
+        step, record = int(state["step"]), json.loads(state["record"])
+        print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
+
+    # A resumed run draws fresh (but still seeded) data: the seed includes the step.
+    data_cfg = dataclasses.replace(cfg, seed=cfg.seed * 1_000_003 + step)
+    dataset, n_photos = build_data(data_cfg)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda",
+                                         persistent_workers=cfg.workers > 0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    def save_checkpoint():
+        record["steps"] = step
+        torch.save({"params": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "record": json.dumps(record), "config": json.dumps(dataclasses.asdict(cfg))},
+                   out / "last.tmp")
+        (out / "last.tmp").replace(ckpt_path)
+
+    session = {"start_step": step, "hardware": hardware(), "device": str(device),
+               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    record["sessions"].append(session)
+    record["photos"] = n_photos
+    t0 = time.time()
+    model.train()
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, disable=not progress, dynamic_ncols=True)
+    except ImportError:  # pragma: no cover
+        bar = None
+    it = iter(loader)
+    running = []
+    probe = (session["start_step"] + 20, session["start_step"] + 120)  # steps timed for fit_to_time
+    while step < cfg.steps:
+        elapsed = time.time() - t0
+        if cfg.time_limit and elapsed > cfg.time_limit * 60:
+            print(f"time limit reached at step {step}", file=sys.stderr)
+            break
+        if step == probe[0]:
+            t_probe = time.time()
+        if cfg.fit_to_time and cfg.time_limit and step == probe[1]:
+            rate = (probe[1] - probe[0]) / (time.time() - t_probe)
+            fitted = step + int(rate * (cfg.time_limit * 60 - elapsed) * 0.97)
+            if fitted < cfg.steps:
+                cfg = dataclasses.replace(cfg, steps=fitted)
+                if bar is not None:
+                    bar.total = fitted
+                print(f"{rate:.2f} steps/s: schedule fitted to {fitted} steps", file=sys.stderr, flush=True)
+        blurry, sharp, label = next(it)
+        blurry, sharp, label = (t.to(device, non_blocking=True) for t in (blurry, sharp, label))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        weights = F.one_hot(label, model.num_exp).float()
+        with autocast:
+            pred, logits = model(blurry, weights=weights, return_logits=True)
+        pred = pred.float()
+        rec = psnr_loss(pred, sharp) if cfg.loss == "psnr" else F.l1_loss(pred, sharp)
+        ce = F.cross_entropy(logits.float(), label)
+        loss = rec + cfg.router_weight * ce
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        step += 1
+        acc = float((logits.argmax(1) == label).float().mean())
+        running.append((batch_psnr(pred.detach(), sharp) - batch_psnr(blurry, sharp), float(ce.detach()), acc))
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            gain, ce_m, acc_m = np.mean(running, axis=0)
+            running.clear()
+            msg = f"step {step} loss {float(loss.detach()):.3f} gain {gain:+.2f} dB ce {ce_m:.3f} route-acc {acc_m:.2f}"
+            if bar is not None:
+                bar.set_postfix_str(msg.split(" ", 2)[2])
+            if not progress:
+                print(msg, file=sys.stderr, flush=True)
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.ckpt_every == 0:
+            session["end_step"] = step
+            session["wall_time_s"] = time.time() - t0
+            save_checkpoint()
+    if bar is not None:
+        bar.close()
+    session["end_step"] = step
+    session["wall_time_s"] = time.time() - t0
+    record["wall_time_s"] = sum(s.get("wall_time_s", 0.0) for s in record["sessions"])
+    save_checkpoint()
+    return export(model, out / "model.safetensors", cfg, record)
+
+
+def export(model: DeMoE, path: Path, cfg: TrainConfig, record: dict) -> Path:
+    """Write the trained weights with config, input convention and training record."""
+    model = model.eval()
+    return save_model(
+        model, path,
+        input_convention={"color": "RGB", "range": [0.0, 1.0], "dtype": "float32", "layout": "NCHW"},
+        patch_size=cfg.patch,
+        training={**record, "config": dataclasses.asdict(cfg), "tasks": list(TASKS)},
+    )
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="demoe train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="TOML file with any of the options below")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif isinstance(default, list):
+            kind = int if f.name.endswith("nums") else str
+            parser.add_argument(flag, nargs="*", type=kind, default=None, help=f"(default: {default})")
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            if f.name in ("time_limit",):
+                kind = float
+            if f.name in ("max_side",):
+                kind = int
+            parser.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
+    parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(cfg, **overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    path = train(cfg, progress=not args.no_progress)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
