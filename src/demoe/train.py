@@ -182,6 +182,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                    out / "last.tmp")
         (out / "last.tmp").replace(ckpt_path)
 
+    if cfg.init and "init" not in record:
+        # Keep the history of the weights we start from (a fine-tune's full record).
+        _, init_meta = read_checkpoint(cfg.init)
+        record["init"] = {"source": Path(cfg.init).name, "training": init_meta.get("training")}
     session = {"start_step": step, "hardware": hardware(), "device": str(device),
                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     record["sessions"].append(session)

@@ -1,0 +1,143 @@
+import os
+
+import pytest
+import torch
+
+from conftest import randomize
+from demoe import TASKS, CheckpointError, DeMoE, load_model, save_model
+from demoe.checkpoint import default_weights_path, infer_config
+
+
+def _outputs(model, x):
+    with torch.no_grad():
+        return [model(x)] + [model(x, task=t) for t in TASKS[: model.num_exp]]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(width=4, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1], num_exp=5),
+        dict(width=8, middle_blk_num=2, enc_blk_nums=[2, 1, 3], dec_blk_nums=[1, 2, 1], num_exp=5),
+        dict(width=6, middle_blk_num=0, enc_blk_nums=[1], dec_blk_nums=[2], num_exp=3),
+        dict(img_channel=1, width=4, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1], num_exp=5),
+    ],
+)
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_published_format_roundtrip(tmp_path, config, prefix):
+    model = randomize(DeMoE(**config, k_used=2), seed=1)
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    path = tmp_path / "net.pth"
+    torch.save({"params": state, "epoch": 7, "optimizer": {"lr": 1e-3}, "best_psnr": 30.5}, path)
+    loaded = load_model(path, top_k=2, device="cpu")
+    assert loaded.config == model.config
+    assert not loaded.training
+    x = torch.rand(2, config.get("img_channel", 3), 13, 21)
+    for a, b in zip(_outputs(model, x), _outputs(loaded, x)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_bare_state_dict_and_default_top_k(tmp_path, tiny_model):
+    path = tmp_path / "bare.pt"
+    torch.save(tiny_model.state_dict(), path)
+    loaded = load_model(path, device="cpu")
+    assert loaded.k_used == 1  # published configuration when the file says nothing
+    assert load_model(path, top_k=3, device="cpu").k_used == 3
+
+
+def test_infer_config_reads_names_and_shapes(tiny_model):
+    assert infer_config(tiny_model.state_dict()) == tiny_model.config
+
+
+def test_safetensors_roundtrip_keeps_metadata(tmp_path, tiny_model):
+    tiny_model.k_used = 2
+    path = save_model(tiny_model, tmp_path / "m.safetensors", training={"steps": 12, "hardware": "cpu"}, note="x")
+    loaded = load_model(path, device="cpu")
+    assert loaded.k_used == 2
+    assert loaded.metadata["training"] == {"steps": 12, "hardware": "cpu"}
+    assert loaded.metadata["note"] == "x"
+    assert loaded.metadata["demoe_config"] == tiny_model.config
+    x = torch.rand(2, 3, 9, 30)
+    for a, b in zip(_outputs(tiny_model, x), _outputs(loaded, x)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert load_model(path, top_k=1, device="cpu").k_used == 1
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_code_is_refused_and_never_runs(tmp_path, tiny_model):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"params": tiny_model.state_dict(), "payload": _Exploit(marker)}, path)
+    with pytest.raises(CheckpointError, match="not a plain-tensor checkpoint"):
+        load_model(path, device="cpu")
+    assert not marker.exists()
+
+
+def test_key_errors_listed_in_one_message(tmp_path, tiny_model):
+    state = dict(tiny_model.state_dict())
+    del state["ending.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    state["ending.weight"] = torch.zeros(3, 4, 5, 5)
+    torch.save({"params": state}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "bad.pt", device="cpu")
+    msg = str(err.value)
+    assert "missing (1): ending.bias" in msg
+    assert "unexpected (1): extra.weight" in msg
+    assert "mis-shaped (1): ending.weight: file (3, 4, 5, 5), model (3, 4, 3, 3)" in msg
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"\x80\x04K\x01."])
+def test_garbage_files_give_clear_errors(tmp_path, content):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_model(path, device="cpu")
+    (tmp_path / "junk.safetensors").write_bytes(content)
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        load_model(tmp_path / "junk.safetensors", device="cpu")
+
+
+def test_not_a_demoe(tmp_path):
+    torch.save({"params": {"conv.weight": torch.zeros(1)}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a DeMoE state dict"):
+        load_model(tmp_path / "other.pt", device="cpu")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_model(tmp_path / "nope.pt")
+
+
+def test_invalid_top_k(tmp_path, tiny_model):
+    torch.save(tiny_model.state_dict(), tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="top_k must be between 1 and 5"):
+        load_model(tmp_path / "m.pt", top_k=6)
+
+
+def test_default_weights_missing_gives_instructions(monkeypatch, tmp_path):
+    monkeypatch.setattr("demoe.checkpoint.default_weights_path", lambda: tmp_path / "none.safetensors")
+    with pytest.raises(FileNotFoundError, match="pass a checkpoint instead"):
+        load_model()
+
+
+def test_packaged_default_loads_with_record():
+    assert default_weights_path().is_file()
+    model = load_model(device="cpu")
+    assert model.k_used == 1 and model.config["num_exp"] == 5
+    record = model.metadata["training"]
+    assert record["steps"] > 0 and record["sessions"][0]["hardware"]
+    assert model.metadata["input_convention"]["range"] == [0.0, 1.0]
+
+
+def test_default_device_is_cpu_here(tiny_model, tmp_path):
+    torch.save(tiny_model.state_dict(), tmp_path / "m.pt")
+    model = load_model(tmp_path / "m.pt")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert next(model.parameters()).device.type in (expected, "mps")

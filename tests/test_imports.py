@@ -1,0 +1,22 @@
+"""Import isolation: the library never pulls in the GUI, the plugin never pulls in torch."""
+
+import subprocess
+import sys
+
+
+def _modules_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_demoe_imports_no_gui():
+    mods = _modules_after("import demoe")
+    assert "torch" in mods  # the check itself works
+    assert not {m for m in mods if m.split(".")[0] in {"napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui"}}
+
+
+def test_napari_demoe_imports_no_torch():
+    mods = _modules_after("import napari_demoe")
+    assert "napari_demoe" in mods
+    assert "torch" not in mods and "demoe" not in mods

@@ -1,0 +1,149 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import randomize
+from demoe import TASKS, DeMoE, load_model
+
+
+def test_tasks_in_expert_order():
+    assert TASKS == ("defocus", "global_motion", "local_motion", "synth_global_motion", "low_light")
+
+
+# -- conformance with the published network -------------------------------------------
+@pytest.fixture(scope="module")
+def published(conformance_dir):
+    cfg = json.loads((conformance_dir / "demoe_tiny.json").read_text())
+    model = load_model(conformance_dir / "demoe_tiny.pt", top_k=cfg["k_used"], device="cpu")
+    expected = np.load(conformance_dir / "demoe_tiny_expected.npz")
+    return model, cfg, expected
+
+
+def test_conformance_architecture_read_from_checkpoint(published):
+    model, cfg, _ = published
+    for key in ("img_channel", "width", "middle_blk_num", "enc_blk_nums", "dec_blk_nums", "num_exp"):
+        assert model.config[key] == cfg[key]
+
+
+def test_conformance_auto_and_routing(published):
+    model, _, expected = published
+    x = torch.from_numpy(expected["input"])
+    assert x.shape[-1] % 4 and x.shape[-2] % 4  # odd size: padding is exercised
+    with torch.no_grad():
+        np.testing.assert_allclose(model.route(x).numpy(), expected["pred_labels_auto"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(model(x).numpy(), expected["output_auto"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(model(x, task="auto").numpy(), expected["output_auto"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_conformance_forced_tasks(published, task):
+    model, _, expected = published
+    x = torch.from_numpy(expected["input"])
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x, task=task).numpy(), expected[f"output_{task}"], atol=1e-5, rtol=0)
+
+
+def test_forced_tasks_differ(published):
+    model, _, expected = published
+    x = torch.from_numpy(expected["input"])
+    with torch.no_grad():
+        outs = [model(x, task=t) for t in TASKS]
+    assert all((outs[0] - o).abs().max() > 1e-4 for o in outs[1:])
+
+
+# -- behaviour ----------------------------------------------------------------------------
+@pytest.mark.parametrize("h,w", [(1, 1), (1, 7), (5, 1), (17, 33), (16, 16)])
+def test_any_size(tiny_model, h, w):
+    x = torch.rand(2, 3, h, w)
+    with torch.no_grad():
+        y = tiny_model(x)
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+
+
+def test_unknown_task_lists_valid(tiny_model):
+    with pytest.raises(ValueError, match="valid tasks are: auto, defocus, global_motion"):
+        tiny_model(torch.rand(1, 3, 8, 8), task="rain")
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8), (1, 1, 8, 8), (1, 4, 8, 8), (1, 1, 3, 8, 8)])
+def test_wrong_shape_names_expected(tiny_model, shape):
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\)"):
+        tiny_model(torch.rand(*shape))
+
+
+def _count_expert_calls(model):
+    calls = {}
+    handles = []
+    for level, moe in enumerate(model.experts):
+        for e, expert in enumerate(moe.experts):
+            def hook(mod, args, out, key=(level, e)):
+                calls[key] = calls.get(key, 0) + args[0].shape[0]
+            handles.append(expert.register_forward_hook(hook))
+    return calls, handles
+
+
+def test_sparse_forced_task_runs_only_its_expert(tiny_model):
+    calls, handles = _count_expert_calls(tiny_model)
+    with torch.no_grad():
+        tiny_model(torch.rand(3, 3, 16, 16), task="local_motion")
+    for h in handles:
+        h.remove()
+    levels = len(tiny_model.experts)
+    assert calls == {(level, 2): 3 for level in range(levels)}
+
+
+def test_sparse_mixed_batch_runs_each_expert_on_its_images(tiny_model):
+    weights = torch.tensor([[0.9, 0.1, 0, 0, 0], [0, 0, 0, 0.2, 0.8], [0.7, 0.3, 0, 0, 0]])
+    calls, handles = _count_expert_calls(tiny_model)
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        y = tiny_model(x, weights=weights)
+    for h in handles:
+        h.remove()
+    # k=1: image 0 and 2 -> expert 0, image 1 -> expert 4; experts 1-3 never run.
+    assert {e for (_, e) in calls} == {0, 4}
+    assert calls[(0, 0)] == 2 and calls[(0, 4)] == 1
+    # Per-image routing: the batch result equals each image restored alone.
+    with torch.no_grad():
+        for i in range(3):
+            alone = tiny_model(x[i : i + 1], weights=weights[i : i + 1])
+            torch.testing.assert_close(y[i : i + 1], alone, atol=1e-5, rtol=0)
+
+
+def test_top_k_mixes_and_renormalises(tiny_model):
+    tiny_model.k_used = 2
+    w = torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.05]])
+    mix = tiny_model.mixing_weights(w)
+    torch.testing.assert_close(mix, torch.tensor([[0.625, 0.375, 0, 0, 0]]))
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        y = tiny_model(x, weights=w)
+        a = tiny_model(x, weights=torch.tensor([[1.0, 0, 0, 0, 0]]))
+        b = tiny_model(x, weights=torch.tensor([[0, 1.0, 0, 0, 0]]))
+    # Only the experts differ, so the mixture lies strictly between the two.
+    assert not torch.allclose(y, a, atol=1e-6) and not torch.allclose(y, b, atol=1e-6)
+
+
+def test_auto_routing_is_per_image():
+    torch.manual_seed(0)
+    model = randomize(DeMoE(width=4, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1]), seed=3)
+    x = torch.cat([torch.zeros(1, 3, 16, 16), torch.rand(1, 3, 16, 16) * 3])
+    with torch.no_grad():
+        p = model.route(x)
+        assert p.shape == (2, 5)
+        torch.testing.assert_close(p.sum(1), torch.ones(2))
+        assert (p[0] - p[1]).abs().max() > 1e-3
+        y = model(x)
+        torch.testing.assert_close(y[1:], model(x[1:]), atol=1e-5, rtol=0)
+
+
+def test_fresh_model_is_near_identity_shape_and_trainable():
+    model = DeMoE(width=8, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1])
+    x = torch.rand(2, 3, 20, 12)
+    out, logits = model(x, weights=torch.eye(5)[:2], return_logits=True)
+    assert out.shape == x.shape and logits.shape == (2, 5)
+    (out.mean() + logits.mean()).backward()
+    assert model.mlp_branch.classifier[6].weight.grad is not None
