@@ -37,3 +37,37 @@ def tiny_model():
     from demoe import DeMoE
 
     return randomize(DeMoE(width=4, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1], num_exp=5, k_used=1))
+
+
+@pytest.fixture
+def identity_model():
+    """A DeMoE whose output is exactly its input (zero ending conv): exact layout/tiling checks."""
+    import torch
+
+    from demoe import DeMoE
+
+    model = randomize(DeMoE(width=4, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1]), seed=5)
+    with torch.no_grad():
+        model.ending.weight.zero_()
+        model.ending.bias.zero_()
+    return model
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from demoe import load_model
+
+    return load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def blurred_photo():
+    """A real photo (scikit-image's astronaut, 384x384 crop) with defocus blur, uint8."""
+    import numpy as np
+    from skimage import data
+
+    from demoe.degrade import degrade
+
+    sharp = data.astronaut()[40:424, 60:444].astype(np.float32) / 255
+    pair = degrade(sharp, "defocus", rng=1, radius=(3, 3))
+    return (pair.blurry * 255).round().astype(np.uint8), (pair.sharp * 255).round().astype(np.uint8)

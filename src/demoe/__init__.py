@@ -6,3 +6,7 @@ from .model import TASKS, DeMoE
 __version__ = "0.1.0"
 
 __all__ = ["TASKS", "DeMoE", "CheckpointError", "available_devices", "load_model", "save_model", "__version__"]
+
+from .api import deblur  # noqa: E402
+
+__all__ += ["deblur"]

@@ -1,0 +1,478 @@
+"""``deblur()``: restore numpy or dask arrays of any size, dtype and layout."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import tiling
+from .checkpoint import load_model, resolve_device
+from .model import TASKS, DeMoE
+
+_AUTO = "auto"
+#: Percentiles for robust normalisation of 16-bit, integer and out-of-range float data.
+PERCENTILES = (0.1, 99.9)
+#: Default tiles: big enough for the blur, small enough for the CPU cache (see benchmarks/).
+DEFAULT_TILE = {"cpu": 256, "mps": 512, "cuda": 512}
+#: Tiles used to estimate one routing for a whole image.
+ROUTING_TILES = 8
+
+_model_cache: dict[str, DeMoE] = {}
+
+
+def default_model(device: str | torch.device | None = None) -> DeMoE:
+    """The packaged default model on ``device``, loaded once per device."""
+    dev = resolve_device(device)
+    key = str(dev)
+    if key not in _model_cache:
+        _model_cache[key] = load_model(device=dev)
+    return _model_cache[key]
+
+
+# -- validation ---------------------------------------------------------------------------
+def _check_image(image) -> Any:
+    is_dask = type(image).__module__.split(".")[0] == "dask"
+    arr = image if is_dask else np.asarray(image)
+    kind = arr.dtype.kind
+    if kind == "b":
+        raise TypeError("boolean images are not supported; pass integer or floating-point data")
+    if kind not in "uif":
+        raise TypeError(f"unsupported dtype {arr.dtype}; accepted: unsigned/signed integers and floats")
+    if arr.ndim < 2:
+        raise ValueError(f"expected an image with at least 2 dimensions ((H, W), (H, W, C), (..., H, W[, C])), got shape {arr.shape}")
+    if any(s == 0 for s in arr.shape):
+        raise ValueError(f"image has a size-0 axis: shape {arr.shape}")
+    return arr, is_dask
+
+
+def _resolve_channel_axis(shape, channel_axis) -> int | None:
+    if channel_axis == _AUTO:
+        return len(shape) - 1 if len(shape) >= 3 and shape[-1] in (3, 4) else None
+    if channel_axis is None:
+        return None
+    if not isinstance(channel_axis, (int, np.integer)) or not -len(shape) <= channel_axis < len(shape):
+        raise ValueError(f"channel_axis={channel_axis!r} is out of range for an image of {len(shape)} dimensions {tuple(shape)}")
+    axis = int(channel_axis) % len(shape)
+    if len(shape) - (axis == len(shape) - 1) < 2 or (len(shape) == 2):
+        raise ValueError(f"channel_axis={channel_axis} leaves fewer than 2 spatial axes in shape {tuple(shape)}")
+    return axis
+
+
+def _check_sizes(tile_size, overlap, batch_size, multiple):
+    if tile_size is not None and (int(tile_size) < multiple or int(tile_size) != tile_size):
+        raise ValueError(f"tile_size must be an integer >= {multiple} (the network's size divisor), got {tile_size}")
+    if overlap is not None and (int(overlap) < 0 or int(overlap) != overlap):
+        raise ValueError(f"overlap must be a non-negative integer, got {overlap}")
+    if batch_size is not None and (int(batch_size) < 1 or int(batch_size) != batch_size):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+
+
+# -- intensities ----------------------------------------------------------------------------
+def intensity_range(arr, normalize) -> tuple[float, float]:
+    """``(lo, hi)`` such that ``(x - lo) / (hi - lo)`` puts the data in [0, 1]."""
+    if isinstance(normalize, (tuple, list)):
+        lo, hi = map(float, normalize)
+    elif normalize == "none":
+        lo, hi = 0.0, 1.0
+    elif normalize == "range":
+        lo, hi = (0.0, float(np.iinfo(arr.dtype).max)) if arr.dtype.kind in "ui" else (0.0, 1.0)
+    elif normalize in ("auto", "percentile"):
+        if normalize == "auto" and arr.dtype == np.uint8:
+            return 0.0, 255.0
+        sample = _sample(arr)
+        finite = sample[np.isfinite(sample)]
+        if normalize == "auto" and arr.dtype.kind == "f" and finite.size and finite.min() >= 0 and finite.max() <= 1:
+            return 0.0, 1.0
+        lo, hi = (float(v) for v in np.percentile(finite, PERCENTILES)) if finite.size else (0.0, 1.0)
+    else:
+        raise ValueError(f"normalize must be 'auto', 'percentile', 'range', 'none' or a (low, high) pair, got {normalize!r}")
+    if not hi > lo:
+        hi = lo + 1.0  # constant image: any scale restores it unchanged
+    return lo, hi
+
+
+def _sample(arr, max_elements: int = 4_000_000) -> np.ndarray:
+    """A strided subsample, computed eagerly (cheap even for dask/zarr)."""
+    step = max(1, int(np.ceil((arr.size / max_elements) ** (1 / arr.ndim))))
+    sub = arr[(slice(None, None, step),) * arr.ndim]
+    return np.asarray(sub.compute() if hasattr(sub, "compute") else sub, dtype=np.float64)
+
+
+def _check_finite(arr):
+    if arr.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise ValueError(f"image contains {bad} NaN or infinite value(s); replace them (e.g. np.nan_to_num) first")
+
+
+def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(x), info.min, info.max).astype(dtype)
+    return x.astype(dtype, copy=False)
+
+
+# -- the network on tiles ------------------------------------------------------------------
+class _Runner:
+    """Runs the model on float32 tile batches; halves the batch on CUDA out-of-memory."""
+
+    def __init__(self, model: DeMoE, device: torch.device, task: str | None, weights: torch.Tensor | None):
+        self.model, self.device, self.task, self.weights = model, device, task, weights
+        self.half = device.type == "cuda"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        start = 0
+        outs = []
+        step = len(batch)
+        while start < len(batch):
+            chunk = batch[start : start + step]
+            try:
+                outs.append(self._run(chunk))
+                start += len(chunk)
+            except torch.cuda.OutOfMemoryError:
+                if step == 1:
+                    raise MemoryError("out of GPU memory even for one tile; pass a smaller tile_size or device='cpu'") from None
+                step = max(1, step // 2)
+                torch.cuda.empty_cache()
+                warnings.warn(f"CUDA out of memory; retrying with {step} tile(s) per batch", RuntimeWarning, stacklevel=2)
+        return np.concatenate(outs)
+
+    @torch.inference_mode()
+    def _run(self, chunk: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(chunk).to(self.device)
+        w = None if self.weights is None else self.weights.expand(len(chunk), -1)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.half):
+            y = self.model(x, task=self.task, weights=w)
+        return y.float().cpu().numpy()
+
+
+def _route_image(model: DeMoE, device, read, height, width, tile, multiple) -> np.ndarray:
+    """Routing weights for a whole image: the average over its most textured tiles."""
+    ay = tiling.plan_axis(height, tile, 0 if tile <= multiple else min(multiple, tile // 4), multiple)
+    ax = tiling.plan_axis(width, tile, 0 if tile <= multiple else min(multiple, tile // 4), multiple)
+    candidates = []
+    for i in range(ay.count):
+        for j in range(ax.count):
+            rows = tiling.reflect_index(np.arange(i * ay.stride, i * ay.stride + ay.tile), height)
+            cols = tiling.reflect_index(np.arange(j * ax.stride, j * ax.stride + ax.tile), width)
+            candidates.append((rows, cols))
+    if len(candidates) > 4 * ROUTING_TILES:  # spread a subset evenly over the image
+        pick = np.linspace(0, len(candidates) - 1, 4 * ROUTING_TILES).round().astype(int)
+        candidates = [candidates[k] for k in pick]
+    tiles = [read(r, c) for r, c in candidates]
+    # Flat tiles say nothing about blur: weight the vote by texture (gradient energy).
+    energy = np.array([np.abs(np.diff(t, axis=-1)).mean() + np.abs(np.diff(t, axis=-2)).mean() for t in tiles])
+    order = np.argsort(-energy)[:ROUTING_TILES]
+    batch = torch.from_numpy(np.stack([tiles[k] for k in order])).to(device)
+    with torch.inference_mode():
+        probs = model.route(batch).float().cpu().numpy()
+    w = energy[order] + 1e-12
+    return (probs * w[:, None]).sum(0) / w.sum()
+
+
+# -- public API -----------------------------------------------------------------------------
+def deblur(
+    image,
+    task: str | None = None,
+    *,
+    model: DeMoE | str | Path | None = None,
+    channel_axis: int | None | str = _AUTO,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    routing: str = "image",
+    normalize: str | tuple[float, float] = "auto",
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
+    bgr: bool = False,
+    progress: bool | Callable[[int, int], None] = False,
+    return_info: bool = False,
+):
+    """Deblur an image with DeMoE.
+
+    Parameters
+    ----------
+    image : ([P, ...,] M, N[, C]) array_like or dask array
+        Gray ``(M, N)``, colour ``(M, N, 3)``, RGBA ``(M, N, 4)`` (alpha passed
+        through untouched), any other channel count (each channel restored as
+        gray), with any leading axes (Z, T, ...) restored plane by plane. A
+        dask array gives a lazy dask array back, computed chunk by chunk.
+    task : {None, 'auto', 'defocus', 'global_motion', 'local_motion', 'synth_global_motion', 'low_light'}
+        None/'auto' lets the model recognise the blur; a name forces that expert.
+    model : DeMoE or path, optional
+        A loaded model or a checkpoint file. Default: the packaged model
+        (loaded once per device).
+    channel_axis : int or None, optional
+        Axis holding colour channels. Default: the last axis when ``image.ndim
+        >= 3`` and it has 3 or 4 entries, otherwise no channel axis.
+    tile_size, overlap : int, optional
+        Tiles (pixels) fed to the network and their overlap. Default: 256/32 on
+        CPU, 512/64 on GPU. ``overlap`` must be under half a tile.
+    routing : {'image', 'tile'}
+        'image': one routing for the whole image, estimated from its most
+        textured tiles (no expert switch can show as a seam); 'tile': every
+        tile routed on its own, for spatially varying blur.
+    normalize : {'auto', 'percentile', 'range', 'none'} or (low, high)
+        'auto': uint8 / 255, floats already in [0, 1] as they are, anything else
+        (uint16, other integers, other floats) by its 0.1 / 99.9 percentiles;
+        the result is mapped back by the exact inverse.
+    device : str, optional
+        None -> cuda, else mps, else cpu. Half precision on CUDA.
+    batch_size : int, optional
+        Tiles per network call (default 4 on CPU, 16 on GPU).
+    bgr : bool
+        Colour channels are in BGR order (``cv2.imread``).
+    progress : bool or callable
+        True shows a tqdm bar; a callable receives ``(done, total)`` tiles after
+        every batch and may raise to cancel.
+    return_info : bool
+        Also return a dict: routing probabilities per task, the task used,
+        tiles, device, seconds.
+
+    Returns
+    -------
+    out : ndarray or dask array
+        A new array of the input's shape and dtype (integers rounded and
+        clipped). The input is never modified.
+
+    Raises
+    ------
+    ValueError
+        Unknown task, empty or NaN/Inf images, bad axis or tile parameters.
+    TypeError
+        Boolean, complex or object arrays.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from demoe import deblur
+    >>> photo = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    >>> restored = deblur(photo, task="defocus")
+    >>> restored.shape, restored.dtype
+    ((64, 96, 3), dtype('uint8'))
+    >>> stack = np.random.default_rng(1).integers(0, 4096, (2, 40, 50), dtype=np.uint16)
+    >>> out, info = deblur(stack, return_info=True)
+    >>> out.dtype, sorted(info["probabilities"]) == sorted(["defocus", "global_motion",
+    ...     "local_motion", "synth_global_motion", "low_light"])
+    (dtype('uint16'), True)
+    """
+    t0 = time.perf_counter()
+    arr, is_dask = _check_image(image)
+    if task == _AUTO:
+        task = None
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid tasks are: auto, {', '.join(TASKS)}")
+    if routing not in ("image", "tile"):
+        raise ValueError(f"routing must be 'image' or 'tile', got {routing!r}")
+    axis = _resolve_channel_axis(arr.shape, channel_axis)
+
+    dev = resolve_device(device)
+    if model is None:
+        net = default_model(dev)
+    elif isinstance(model, (str, Path)):
+        net = load_model(model, device=dev)
+    elif isinstance(model, DeMoE):
+        net = model.to(dev).eval()
+    else:
+        raise TypeError(f"model must be a DeMoE, a checkpoint path or None, got {type(model).__name__}")
+    multiple = net.padder_size
+    _check_sizes(tile_size, overlap, batch_size, multiple)
+    tile = int(tile_size) if tile_size is not None else DEFAULT_TILE.get(dev.type, 256)
+    tile = -(-tile // multiple) * multiple
+    ovl = int(overlap) if overlap is not None else tile // 8
+    if 2 * ovl >= tile:
+        raise ValueError(f"overlap ({ovl}) must be less than half the tile size ({tile})")
+    batch = int(batch_size) if batch_size is not None else (4 if dev.type == "cpu" else 16)
+
+    # Channels last, planes first: (P, H, W, C).
+    moved = arr if axis is None else _moveaxis(arr, axis, -1)
+    if axis is None:
+        moved = moved[..., None]
+    if not is_dask:
+        _check_finite(moved)
+    lo, hi = intensity_range(moved, normalize)
+    settings = dict(net=net, dev=dev, task=task, routing=routing, tile=tile, ovl=ovl, batch=batch, bgr=bgr,
+                    lo=lo, hi=hi, multiple=multiple)
+
+    if is_dask:
+        out, info = _deblur_dask(moved, settings)
+    else:
+        out, info = _deblur_numpy(moved, settings, progress)
+    if axis is None:
+        out = out[..., 0]
+    else:
+        out = _moveaxis(out, -1, axis)
+    info.update(device=str(dev), tile_size=tile, overlap=ovl, normalization=(lo, hi), seconds=time.perf_counter() - t0)
+    return (out, info) if return_info else out
+
+
+def _moveaxis(a, src, dst):
+    if hasattr(a, "compute"):
+        import dask.array as da
+
+        return da.moveaxis(a, src, dst)
+    return np.moveaxis(a, src, dst)
+
+
+def _jobs(channels: int, model_channels: int, bgr: bool) -> list[tuple[list[int], str]]:
+    """How the channels of one plane are restored: lists of channel indices and a mode."""
+    rgb = [2, 1, 0] if bgr else [0, 1, 2]
+    if model_channels == 3 and channels in (3, 4):
+        return [(rgb, "rgb")]  # alpha (channel 3) is passed through
+    return [([c], "gray") for c in range(channels)]
+
+
+def _deblur_numpy(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    net, dev = s["net"], s["dev"]
+    *lead, h, w, c = moved.shape
+    planes = moved.reshape(-1, h, w, c)
+    out = np.empty_like(planes)
+    if c == 4 and net.img_channel == 3:
+        out[..., 3] = planes[..., 3]
+    jobs = _jobs(c, net.img_channel, s["bgr"])
+    per_plane = tiling.num_tiles(h, w, s["tile"], s["ovl"], s["multiple"])
+    total = per_plane * len(jobs) * len(planes)
+    report = _progress(progress, total)
+    scale = np.float32(1.0 / (s["hi"] - s["lo"]))
+    probs_all = []
+
+    for p, plane in enumerate(planes):
+        for chans, mode in jobs:
+            def read(rows, cols, plane=plane, chans=chans, mode=mode):
+                t = plane[rows[:, None], cols[None, :]][..., chans]
+                t = (t.astype(np.float32) - np.float32(s["lo"])) * scale
+                t = t.transpose(2, 0, 1)
+                if mode == "gray" and net.img_channel == 3:
+                    t = np.repeat(t, 3, axis=0)
+                return t
+
+            def write(y0, y1, block, p=p, chans=chans, mode=mode):
+                if mode == "gray" and net.img_channel == 3:
+                    block = block.mean(axis=0, keepdims=True)
+                block = block.transpose(1, 2, 0) / scale + np.float32(s["lo"])
+                out[p][y0:y1, :, chans] = _to_dtype(block, out.dtype)
+
+            weights = None
+            if s["task"] is None and s["routing"] == "image":
+                probs = fixed_probs if fixed_probs is not None else _route_image(net, dev, read, h, w, s["tile"], s["multiple"])
+                weights = torch.from_numpy(np.asarray(probs)).float().to(dev)[None]
+                probs_all.append(probs)
+            runner = _Runner(net, dev, s["task"], weights)
+            if s["task"] is None and s["routing"] == "tile":
+                runner = _TileRouteRecorder(runner, probs_all)
+            tiling.stitch(read, runner, write, h, w, tile=s["tile"], overlap=s["ovl"], multiple=s["multiple"],
+                          batch_size=s["batch"], progress=report)
+    if hasattr(report, "close"):
+        report.close()
+    info = _routing_info(s["task"], probs_all, net)
+    info["tiles"] = total
+    return out.reshape(moved.shape), info
+
+
+class _TileRouteRecorder:
+    """Per-tile routing: runs auto mode and records each tile's probabilities."""
+
+    def __init__(self, runner: _Runner, sink: list):
+        self.runner, self.sink = runner, sink
+
+    def __call__(self, batch):
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.runner.device)
+            self.sink.extend(self.runner.model.route(x).float().cpu().numpy())
+        return self.runner(batch)
+
+
+def _routing_info(task, probs_all, net) -> dict:
+    names = TASKS[: net.num_exp]
+    if task is not None:
+        probs = np.eye(net.num_exp)[TASKS.index(task)]
+    elif probs_all:
+        probs = np.mean(probs_all, axis=0)
+    else:
+        probs = np.full(net.num_exp, np.nan)
+    if task is not None:
+        used = task
+    elif np.isfinite(probs).any():
+        used = names[int(np.nanargmax(probs))]
+    else:
+        used = None
+    return {"probabilities": {n: float(p) for n, p in zip(names, probs)}, "task": used,
+            "forced": task is not None}
+
+
+class _progress:
+    """Turns per-batch tile counts into (done, total) callbacks or a tqdm bar."""
+
+    def __new__(cls, progress, total):
+        if progress is False or progress is None:
+            return None
+        return super().__new__(cls)
+
+    def __init__(self, progress, total):
+        self.total, self.done = total, 0
+        self.callback = progress if callable(progress) else None
+        self.bar = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="tile", desc="deblur")
+
+    def __call__(self, n):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _deblur_dask(moved, s: dict):
+    """Lazy: every chunk (all channels, overlapping neighbours) restored on demand."""
+    net = s["net"]
+    *lead, h, w, c = moved.shape
+    # Whole channel axis per chunk, one plane per chunk, spatial chunks as given.
+    moved = moved.rechunk({**{i: 1 for i in range(len(lead))}, moved.ndim - 1: -1})
+    probs = None
+    if s["task"] is None and s["routing"] == "image":
+        # One routing for the whole lazy image, from a central crop of its first plane.
+        plane = moved[(0,) * len(lead)]
+        ch, cw = min(h, 4 * s["tile"]), min(w, 4 * s["tile"])
+        y0, x0 = (h - ch) // 2, (w - cw) // 2
+        crop = np.asarray(plane[y0 : y0 + ch, x0 : x0 + cw].compute())
+        _check_finite(crop)
+        probs = _route_crop(crop, s)
+    info = _routing_info(s["task"], [] if probs is None else [probs], net)
+    info["tiles"] = None  # computed lazily
+    margin = 2 * s["ovl"] + s["multiple"]  # context each chunk borrows from its neighbours
+    depth = {i: 0 for i in range(moved.ndim)}
+    depth[moved.ndim - 3] = margin
+    depth[moved.ndim - 2] = margin
+
+    def block_fn(block):
+        _check_finite(block)
+        return _deblur_numpy(block, s, False, fixed_probs=probs)[0]
+
+    out = moved.map_overlap(block_fn, depth=depth, boundary="reflect", dtype=moved.dtype)
+    return out, info
+
+
+def _route_crop(crop: np.ndarray, s: dict) -> np.ndarray:
+    """Routing probabilities of a ``(H, W, C)`` crop, estimated as for a whole image."""
+    net = s["net"]
+    chans, mode = _jobs(crop.shape[-1], net.img_channel, s["bgr"])[0]
+    scale = np.float32(1.0 / (s["hi"] - s["lo"]))
+
+    def read(rows, cols):
+        t = (crop[rows[:, None], cols[None, :]][..., chans].astype(np.float32) - np.float32(s["lo"])) * scale
+        t = t.transpose(2, 0, 1)
+        return np.repeat(t, 3, axis=0) if mode == "gray" and net.img_channel == 3 else t
+
+    return _route_image(net, s["dev"], read, crop.shape[0], crop.shape[1], s["tile"], s["multiple"])

@@ -1,0 +1,258 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import demoe
+from demoe import TASKS, deblur
+from demoe.api import default_model as cached_default
+
+
+def psnr(a, b, peak=255.0):
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return 10 * np.log10(peak**2 / max(mse, 1e-20))
+
+
+# -- shapes, dtypes, layouts (exact, with an identity network) ----------------------------
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    shape=st.sampled_from([(1, 1), (1, 9), (7, 1), (23, 31), (2, 17, 12), (19, 21, 3), (9, 8, 4), (2, 3, 10, 11, 3), (12, 13, 5)]),
+    dtype=st.sampled_from([np.uint8, np.uint16, np.int16, np.int32, np.float32, np.float64]),
+)
+def test_identity_network_returns_input(identity_model, shape, dtype):
+    rng = np.random.default_rng(0)
+    if np.dtype(dtype).kind == "f":
+        img = (rng.random(shape) * 3 - 1).astype(dtype)  # outside [0, 1]: percentile path
+    else:
+        info = np.iinfo(dtype)
+        img = rng.integers(max(info.min, -3000), min(info.max, 4000), shape, endpoint=True).astype(dtype)
+    before = img.copy()
+    out = deblur(img, model=identity_model, tile_size=16, overlap=4, device="cpu")
+    assert out.shape == img.shape and out.dtype == img.dtype
+    assert out is not img and not np.shares_memory(out, img)
+    np.testing.assert_array_equal(img, before)  # input untouched
+    if np.dtype(dtype).kind == "f":
+        np.testing.assert_allclose(out, img, atol=1e-5 * (np.abs(img).max() + 1))
+    else:
+        np.testing.assert_array_equal(out, img)  # rounding, not truncation
+
+
+def test_float_in_unit_range_is_not_rescaled(identity_model):
+    img = np.linspace(0.2, 0.3, 400, dtype=np.float32).reshape(20, 20)
+    out, info = deblur(img, model=identity_model, return_info=True, device="cpu")
+    assert info["normalization"] == (0.0, 1.0)
+    np.testing.assert_allclose(out, img, atol=1e-6)
+
+
+def test_twelve_bit_in_uint16_uses_percentiles(identity_model):
+    img = np.random.default_rng(0).integers(0, 4096, (30, 30), dtype=np.uint16)
+    _, info = deblur(img, model=identity_model, return_info=True, device="cpu")
+    lo, hi = info["normalization"]
+    assert hi < 4096 and lo < 10  # not treated as nearly black in 0..65535
+
+
+def test_alpha_passes_through_and_bgr_swaps(identity_model):
+    shift = demoe.DeMoE(width=4, middle_blk_num=0, enc_blk_nums=[1], dec_blk_nums=[1]).eval()
+    with torch.no_grad():  # an "expert" that brightens only the red channel by 0.2
+        shift.ending.weight.zero_()
+        shift.ending.bias.copy_(torch.tensor([0.2, 0.0, 0.0]))
+    img = np.full((10, 12, 4), 100, np.uint8)
+    img[..., 3] = 7
+    rgb = deblur(img, model=shift, device="cpu", task="defocus")
+    assert (rgb[..., 0] == 151).all() and (rgb[..., 1] == 100).all() and (rgb[..., 3] == 7).all()
+    bgr = deblur(img, model=shift, device="cpu", task="defocus", bgr=True)
+    assert (bgr[..., 2] == 151).all() and (bgr[..., 0] == 100).all()
+
+
+def test_gray_is_replicated_and_averaged(identity_model):
+    shift = demoe.DeMoE(width=4, middle_blk_num=0, enc_blk_nums=[1], dec_blk_nums=[1]).eval()
+    with torch.no_grad():
+        shift.ending.weight.zero_()
+        shift.ending.bias.copy_(torch.tensor([0.3, 0.0, 0.0]))
+    out = deblur(np.full((8, 8), 0.5, np.float32), model=shift, device="cpu", task="defocus")
+    np.testing.assert_allclose(out, 0.6, atol=1e-6)  # (0.8 + 0.5 + 0.5) / 3
+
+
+def test_channel_axis_first_and_none(identity_model):
+    img = np.random.default_rng(2).random((3, 20, 24)).astype(np.float32)
+    out = deblur(img, model=identity_model, channel_axis=0, device="cpu")
+    np.testing.assert_allclose(out, img, atol=1e-5)
+    stack = np.random.default_rng(3).random((5, 20, 3)).astype(np.float32)  # (Z, H, W) with W = 3
+    np.testing.assert_allclose(deblur(stack, model=identity_model, channel_axis=None, device="cpu"), stack, atol=1e-5)
+
+
+# -- errors -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "image, kwargs, err, match",
+    [
+        (np.zeros((0, 5)), {}, ValueError, "size-0 axis"),
+        (np.zeros(5), {}, ValueError, "at least 2 dimensions"),
+        (np.zeros((4, 4), bool), {}, TypeError, "boolean"),
+        (np.zeros((4, 4), complex), {}, TypeError, "unsupported dtype complex128"),
+        (np.array([[object()]]), {}, TypeError, "unsupported dtype object"),
+        (np.array([[np.nan, 1, np.inf], [0, 0, 0]]), {}, ValueError, "2 NaN or infinite"),
+        (np.zeros((4, 4)), {"channel_axis": 3}, ValueError, "channel_axis=3 is out of range"),
+        (np.zeros((4, 4)), {"task": "rain"}, ValueError, "valid tasks are: auto, defocus"),
+        (np.zeros((4, 4)), {"overlap": 16, "tile_size": 32}, ValueError, "less than half the tile"),
+        (np.zeros((4, 4)), {"tile_size": -8}, ValueError, "tile_size must be an integer"),
+        (np.zeros((4, 4)), {"overlap": -1}, ValueError, "overlap must be a non-negative"),
+        (np.zeros((4, 4)), {"batch_size": 0}, ValueError, "batch_size must be a positive"),
+        (np.zeros((4, 4)), {"routing": "pixel"}, ValueError, "routing must be"),
+        (np.zeros((4, 4)), {"normalize": "zscore"}, ValueError, "normalize must be"),
+    ],
+)
+def test_bad_input_clear_errors(identity_model, image, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        deblur(image, model=identity_model, device="cpu", **kwargs)
+
+
+def test_bad_model_argument():
+    with pytest.raises(TypeError, match="model must be a DeMoE"):
+        deblur(np.zeros((4, 4)), model=42)
+
+
+# -- progress, info, cancel -----------------------------------------------------------------
+def test_progress_callback_and_cancel(identity_model):
+    img = np.zeros((100, 90), np.float32)
+    calls = []
+    _, info = deblur(img, model=identity_model, tile_size=32, overlap=8, batch_size=2, device="cpu",
+                     progress=lambda d, t: calls.append((d, t)), return_info=True)
+    assert calls[-1][0] == calls[-1][1] == info["tiles"] and len(calls) > 3
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(done, total):
+        if done >= 4:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        deblur(img, model=identity_model, tile_size=32, overlap=8, batch_size=2, device="cpu", progress=cancel)
+
+
+def test_progress_bar(identity_model, capsys):
+    deblur(np.zeros((40, 40), np.float32), model=identity_model, tile_size=16, overlap=4, device="cpu", progress=True)
+    assert "tile" in capsys.readouterr().err
+
+
+def test_info_reports_routing(tiny_model):
+    out, info = deblur(np.random.default_rng(0).random((40, 40, 3)).astype(np.float32), model=tiny_model,
+                       device="cpu", return_info=True)
+    probs = info["probabilities"]
+    assert set(probs) == set(TASKS) and abs(sum(probs.values()) - 1) < 1e-5
+    assert info["task"] == max(probs, key=probs.get) and not info["forced"]
+    assert info["device"] == "cpu" and info["seconds"] > 0
+    _, forced = deblur(np.zeros((16, 16)), task="low_light", model=tiny_model, device="cpu", return_info=True)
+    assert forced["task"] == "low_light" and forced["probabilities"]["low_light"] == 1.0
+
+
+def test_tile_routing_runs(tiny_model):
+    img = np.random.default_rng(0).random((60, 60, 3)).astype(np.float32)
+    a = deblur(img, model=tiny_model, routing="tile", tile_size=32, overlap=8, device="cpu")
+    assert a.shape == img.shape and np.isfinite(a).all()
+
+
+def test_cuda_oom_halves_the_batch(identity_model, monkeypatch):
+    from demoe import api
+
+    original = api._Runner._run
+    sizes = []
+
+    def flaky(self, chunk):
+        sizes.append(len(chunk))
+        if len(chunk) > 1:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return original(self, chunk)
+
+    monkeypatch.setattr(api._Runner, "_run", flaky)
+    img = np.random.default_rng(0).random((40, 40)).astype(np.float32)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        out = deblur(img, model=identity_model, tile_size=16, overlap=4, batch_size=4, device="cpu")
+    np.testing.assert_allclose(out, img, atol=1e-5)
+    assert 4 in sizes and 2 in sizes and 1 in sizes
+
+
+def test_default_model_cached_per_device():
+    assert cached_default("cpu") is cached_default("cpu")
+
+
+def test_checkpoint_path_as_model(tmp_path, identity_model):
+    demoe.save_model(identity_model, tmp_path / "id.safetensors")
+    img = np.random.default_rng(0).random((20, 20)).astype(np.float32)
+    np.testing.assert_allclose(deblur(img, model=tmp_path / "id.safetensors", device="cpu"), img, atol=1e-5)
+
+
+# -- dask ---------------------------------------------------------------------------------
+def test_dask_is_lazy_and_matches(identity_model):
+    da = pytest.importorskip("dask.array")
+    img = np.random.default_rng(0).integers(0, 4000, (2, 90, 70), dtype=np.uint16)
+    lazy = da.from_array(img, chunks=(1, 40, 35))
+    out = deblur(lazy, model=identity_model, tile_size=16, overlap=4, device="cpu")
+    assert isinstance(out, da.Array) and out.shape == img.shape and out.dtype == img.dtype
+    np.testing.assert_array_equal(out.compute(), img)
+
+
+def test_dask_rgb_default_model_close_to_numpy(default_model, blurred_photo):
+    da = pytest.importorskip("dask.array")
+    blurry, _ = blurred_photo
+    ref = deblur(blurry, model=default_model, task="defocus")
+    lazy = deblur(da.from_array(blurry, chunks=(192, 192, 3)), model=default_model, task="defocus")
+    assert psnr(lazy.compute(), ref) > 40
+
+
+def test_dask_distributed_cluster(identity_model):
+    distributed = pytest.importorskip("distributed")
+    da = pytest.importorskip("dask.array")
+    img = np.random.default_rng(1).random((64, 48, 3)).astype(np.float32)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with distributed.Client(cluster):
+            out = deblur(da.from_array(img, chunks=(32, 24, 3)), model=identity_model, tile_size=16, overlap=4,
+                         device="cpu").compute()
+    np.testing.assert_allclose(out, img, atol=1e-5)
+
+
+# -- quality on a real, trained model -------------------------------------------------------
+def test_seams_tile_sizes_agree(default_model, blurred_photo):
+    blurry, _ = blurred_photo
+    a = deblur(blurry, model=default_model, task="defocus", tile_size=256, overlap=32)
+    b = deblur(blurry, model=default_model, task="defocus", tile_size=384, overlap=32)
+    assert psnr(a, b) >= 45
+
+
+def test_tiled_matches_whole_pass(default_model, blurred_photo):
+    blurry, _ = blurred_photo
+    tiled = deblur(blurry, model=default_model, task="defocus", tile_size=256, overlap=32)
+    x = torch.from_numpy(blurry.astype(np.float32).transpose(2, 0, 1)[None] / 255)
+    with torch.no_grad():
+        whole = default_model(x, task="defocus")[0].numpy().transpose(1, 2, 0)
+    whole = np.clip(np.rint(whole * 255), 0, 255)
+    assert psnr(tiled, whole) >= 40
+
+
+@pytest.mark.parametrize("task", [None, "defocus", "global_motion"])
+def test_mean_intensity_kept(default_model, blurred_photo, task):
+    blurry, _ = blurred_photo
+    out = deblur(blurry, model=default_model, task=task)
+    assert abs(out.mean() / blurry.mean() - 1) < 0.02
+    sixteen = (blurry[..., 1].astype(np.uint16) * 16)  # 12-bit gray microscope-like
+    out16 = deblur(sixteen, model=default_model, task=task)
+    assert abs(out16.mean() / sixteen.mean() - 1) < 0.02
+
+
+def test_default_model_improves_and_routes_defocus(default_model, blurred_photo):
+    blurry, sharp = blurred_photo
+    out, info = deblur(blurry, model=default_model, return_info=True)
+    assert psnr(out, sharp) >= psnr(blurry, sharp) + 1.0
+    assert info["task"] == "defocus"
+
+
+def test_default_argument_uses_packaged_model(blurred_photo):
+    blurry, _ = blurred_photo
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = deblur(blurry[:64, :64], device="cpu")
+    assert out.shape == (64, 64, 3)
