@@ -62,12 +62,12 @@ def default_model():
 
 @pytest.fixture(scope="session")
 def blurred_photo():
-    """A real photo (scikit-image's astronaut, 384x384 crop) with defocus blur, uint8."""
+    """A real photo (scikit-image's astronaut, 512x512) with defocus blur, uint8."""
     import numpy as np
     from skimage import data
 
     from demoe.degrade import degrade
 
-    sharp = data.astronaut()[40:424, 60:444].astype(np.float32) / 255
+    sharp = data.astronaut().astype(np.float32) / 255
     pair = degrade(sharp, "defocus", rng=1, radius=(3, 3))
     return (pair.blurry * 255).round().astype(np.uint8), (pair.sharp * 255).round().astype(np.uint8)

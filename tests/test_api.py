@@ -217,10 +217,14 @@ def test_dask_distributed_cluster(identity_model):
 
 # -- quality on a real, trained model -------------------------------------------------------
 def test_seams_tile_sizes_agree(default_model, blurred_photo):
+    from demoe.tiling import plan_axis
+
     blurry, _ = blurred_photo
+    # The two tile sizes really cut the image differently (else the check is empty).
+    assert plan_axis(blurry.shape[0], 256, 32, 16) != plan_axis(blurry.shape[0], 384, 32, 16)
     a = deblur(blurry, model=default_model, task="defocus", tile_size=256, overlap=32)
     b = deblur(blurry, model=default_model, task="defocus", tile_size=384, overlap=32)
-    assert psnr(a, b) >= 45
+    assert 45 <= psnr(a, b) < 100
 
 
 def test_tiled_matches_whole_pass(default_model, blurred_photo):

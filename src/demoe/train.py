@@ -297,12 +297,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
-    path = train(cfg, progress=not args.no_progress)
+def run_from_args(args: argparse.Namespace) -> int:
+    path = train(config_from_args(args), progress=not args.no_progress)
     print(f"wrote {path}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_from_args(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

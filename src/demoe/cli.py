@@ -1,0 +1,214 @@
+"""The ``demoe`` command: ``demoe deblur``, ``demoe info``, ``demoe train``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .model import TASKS
+
+
+# -- demoe deblur ---------------------------------------------------------------------------
+def collect_inputs(inputs: Sequence[str], recursive: bool) -> list[tuple[Path, Path]]:
+    """``(file, relative name)`` pairs in natural order; folders expanded (zarr stores kept whole)."""
+    from .data import natural_key
+    from .files import SUFFIXES
+
+    found: list[tuple[Path, Path]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir() and p.suffix != ".zarr":
+            pattern = "**/*" if recursive else "*"
+            files = [f for f in p.glob(pattern)
+                     if (f.is_file() and f.suffix.lower() in SUFFIXES and not f.name.startswith("."))
+                     or (f.is_dir() and f.suffix == ".zarr")]
+            files = [f for f in files if not any(part.endswith(".zarr") for part in f.relative_to(p).parts[:-1])]
+            found += [(f, f.relative_to(p)) for f in sorted(files, key=natural_key)]
+        elif p.exists():
+            found.append((p, Path(p.name)))
+        else:
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    return found
+
+
+def output_path(src: Path, rel: Path, outdir: Path | None, suffix: str) -> Path:
+    name = src.stem + suffix + src.suffix
+    return (outdir / rel.parent / name) if outdir is not None else src.with_name(name)
+
+
+def _deblur_zarr(src: Path, dest: Path, kwargs: dict) -> dict:
+    import shutil
+
+    import dask.array as da
+
+    from .api import deblur
+
+    arr = da.from_zarr(str(src))
+    out, info = deblur(arr, return_info=True, **kwargs)
+    tmp = dest.with_name(f".{dest.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        out.to_zarr(str(tmp))
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return info
+
+
+def run_deblur(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .api import deblur
+    from .checkpoint import load_model
+    from .files import Image, read_image, write_image
+
+    outdir = Path(args.output) if args.output else None
+    try:
+        items = collect_inputs(args.inputs, args.recursive)
+    except FileNotFoundError as err:
+        print(f"demoe: {err}", file=sys.stderr)
+        return 2
+    if not items:
+        print("demoe: no images found (accepted: .png .jpg .jpeg .bmp .webp .tif .tiff .npy .zarr)", file=sys.stderr)
+        return 2
+    inputs = {src.resolve() for src, _ in items}
+    plan = []
+    for src, rel in items:
+        dest = output_path(src, rel, outdir, args.suffix)
+        if dest.resolve() in inputs or dest.resolve() == src.resolve():
+            print(f"demoe: refusing to write {dest}: it would overwrite an input "
+                  "(choose another --output folder or a non-empty --suffix)", file=sys.stderr)
+            return 2
+        plan.append((src, dest))
+
+    model = load_model(args.model, device=args.device)
+    kwargs = dict(task=None if args.task == "auto" else args.task, model=model, device=args.device,
+                  tile_size=args.tile_size, overlap=args.overlap)
+    failed = skipped = 0
+    bar = tqdm(plan, unit="image", desc="images", disable=args.quiet)
+    for src, dest in bar:
+        if dest.exists() and not args.overwrite:
+            tqdm.write(f"{src}: skipped, {dest} exists (use --overwrite)")
+            skipped += 1
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            if src.suffix == ".zarr":
+                info = _deblur_zarr(src, dest, kwargs)
+            else:
+                img = read_image(src)
+                tiles = tqdm(total=0, unit="tile", desc=src.name, leave=False, disable=args.quiet)
+
+                def report(done, total, tiles=tiles):
+                    tiles.total = total
+                    tiles.n = done
+                    tiles.refresh()
+
+                out, info = deblur(img.data, channel_axis=img.channel_axis, bgr=img.bgr, progress=report,
+                                   return_info=True, **kwargs)
+                tiles.close()
+                write_image(dest, Image(out, img.channel_axis, img.bgr, img.tiff))
+        except (ValueError, TypeError, OSError, MemoryError) as err:
+            failed += 1
+            tqdm.write(f"{src}: FAILED: {err}")
+            continue
+        p = info["probabilities"].get(info["task"]) if info.get("task") else None
+        how = "forced" if info.get("forced") else "detected"
+        label = f"{info['task']} ({how}, p={p:.2f})" if p is not None else "routing n/a"
+        tqdm.write(f"{src}: {label} -> {dest} [{time.perf_counter() - t0:.1f} s]")
+    done = len(plan) - failed - skipped
+    print(f"{done} deblurred, {skipped} skipped, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# -- demoe info -------------------------------------------------------------------------------
+def run_info(args: argparse.Namespace) -> int:
+    import json
+    import platform
+
+    import numpy as np
+    import torch
+
+    from . import __version__
+    from .checkpoint import available_devices, default_weights_path, load_model, resolve_device
+
+    print(f"demoe {__version__}, torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
+    print(f"devices available: {', '.join(available_devices())}; would use: {resolve_device(None)}")
+    path = default_weights_path()
+    if not path.is_file():
+        print(f"default model: not packaged ({path})")
+        return 0
+    model = load_model(device="cpu")
+    meta = dict(model.metadata)
+    record = meta.pop("training", {})
+    print(f"default model: {path}")
+    print(f"  config: {json.dumps(model.config)}, top_k={model.k_used}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    print(f"  input convention: {json.dumps(meta.get('input_convention'))}")
+    for line in _record_lines(record):
+        print("  " + line)
+    return 0
+
+
+def _record_lines(record: dict, depth: int = 0) -> list[str]:
+    """Training record of the weights, oldest stage first (fine-tunes nest their origin)."""
+    lines = []
+    if record.get("init"):
+        lines += _record_lines(record["init"].get("training") or {}, depth)
+        lines.append(f"then fine-tuned from {record['init'].get('source')}:")
+    for s in record.get("sessions", []):
+        lines.append(f"training: steps {s.get('start_step')}-{s.get('end_step')} on {s.get('hardware')}, "
+                     f"{s.get('wall_time_s', 0) / 60:.1f} min, started {s.get('started')}")
+    if "photos" in record:
+        lines.append(f"data: {record['photos']} photographs + dead leaves ({record.get('data', 'see README')})")
+    return lines
+
+
+# -- entry point -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="demoe", description="All-in-one image deblurring with DeMoE.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("deblur", help="deblur image files or folders",
+                       description="Deblur images (PNG, JPEG, TIFF incl. 16-bit and multi-page, .npy, zarr).")
+    d.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zarr stores")
+    d.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (default: beside each input)")
+    d.add_argument("-t", "--task", default="auto", choices=["auto", *TASKS], help="blur type (default: detect)")
+    d.add_argument("--model", metavar="PATH", help="checkpoint (default: the packaged model)")
+    d.add_argument("--tile-size", type=int, metavar="N", help="tile size in pixels (default: by device)")
+    d.add_argument("--overlap", type=int, metavar="N", help="tile overlap in pixels (default: tile/8)")
+    d.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    d.add_argument("--suffix", default="_deblurred", help="added to output names (default: _deblurred)")
+    d.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    d.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=run_deblur)
+
+    i = sub.add_parser("info", help="versions, devices and the default model")
+    i.set_defaults(func=run_info)
+
+    from .train import build_parser as train_parser
+
+    t = sub.add_parser("train", help="train or fine-tune a model", description="Train or fine-tune DeMoE.")
+    train_parser(t)
+    t.set_defaults(func=lambda a: __import__("demoe.train", fromlist=["train"]).run_from_args(a))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "device", None) == "auto":
+        args.device = None
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

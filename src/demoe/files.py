@@ -1,0 +1,137 @@
+"""Reading and writing image files without losing what they carry.
+
+PNG/JPEG/BMP/WebP go through OpenCV (8- and 16-bit, gray/BGR/BGRA kept as
+stored, so ``bgr=True`` is used for them), TIFF through tifffile (multi-page,
+any dtype, ImageJ/OME axes and resolution carried over), ``.npy`` through
+numpy (no pickles). Every write goes to a temporary file in the destination
+folder and is renamed into place, so an interrupted run never leaves a
+half-written image.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OPENCV_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+TIFF_SUFFIXES = {".tif", ".tiff"}
+SUFFIXES = OPENCV_SUFFIXES | TIFF_SUFFIXES | {".npy"}
+
+
+@dataclass
+class Image:
+    """Pixels plus what is needed to write them back the same way."""
+
+    data: np.ndarray
+    channel_axis: int | None
+    bgr: bool = False
+    tiff: dict[str, Any] = field(default_factory=dict)
+
+
+def read_image(path: str | Path) -> Image:
+    """Read ``path``; raises ``ValueError`` for unreadable or unsupported files."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in OPENCV_SUFFIXES:
+        import cv2
+
+        data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if data is None:
+            raise ValueError(f"cannot decode {path.name} (corrupt or not a {suffix[1:].upper()} image)")
+        color = data.ndim == 3 and data.shape[2] in (3, 4)
+        return Image(data, 2 if color else None, bgr=color)
+    if suffix in TIFF_SUFFIXES:
+        return _read_tiff(path)
+    if suffix == ".npy":
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"cannot read {path.name}: {err}") from err
+        return Image(data, "auto")
+    raise ValueError(f"unsupported file type {suffix or '(none)'}; accepted: {', '.join(sorted(SUFFIXES))}, .zarr")
+
+
+def _read_tiff(path: Path) -> Image:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            data = series.asarray()
+            axes = series.axes
+            page = tif.pages[0]
+            info: dict[str, Any] = {"axes": axes, "photometric": page.photometric.name.lower()}
+            if tif.is_imagej:
+                info["imagej"] = {k: v for k, v in (tif.imagej_metadata or {}).items()
+                                  if k in ("spacing", "unit", "finterval", "fps", "loop", "min", "max", "mode")}
+            x, y, unit = page.tags.get("XResolution"), page.tags.get("YResolution"), page.tags.get("ResolutionUnit")
+            if x is not None and y is not None:
+                info["resolution"] = (x.value, y.value)
+                info["resolutionunit"] = unit.value if unit is not None else None
+            if page.description and not tif.is_imagej and not tif.is_ome:
+                info["description"] = page.description
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError) as err:
+        raise ValueError(f"cannot read {path.name}: {err}") from err
+    # Samples (S: RGB in one pixel) are colour; ImageJ channels (C) are separate gray planes.
+    channel_axis = axes.index("S") if "S" in axes and data.shape[axes.index("S")] in (3, 4) else None
+    return Image(data, channel_axis, tiff=info)
+
+
+@contextmanager
+def atomic_path(dest: Path):
+    """Yield a temporary path beside ``dest``; rename it to ``dest`` only on success."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.stem}.partial-{os.getpid()}{dest.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_image(path: str | Path, image: Image) -> None:
+    """Write ``image`` in the format of ``path``'s suffix, atomically."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    with atomic_path(path) as tmp:
+        if suffix in OPENCV_SUFFIXES:
+            import cv2
+
+            params = [cv2.IMWRITE_JPEG_QUALITY, 95] if suffix in (".jpg", ".jpeg") else []
+            if not cv2.imwrite(str(tmp), image.data, params):
+                raise ValueError(f"OpenCV could not write {path.name}")
+        elif suffix in TIFF_SUFFIXES:
+            _write_tiff(tmp, image)
+        elif suffix == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, image.data, allow_pickle=False)
+        else:
+            raise ValueError(f"unsupported output type {suffix}")
+
+
+def _write_tiff(tmp: Path, image: Image) -> None:
+    import tifffile
+
+    info = image.tiff
+    kwargs: dict[str, Any] = {}
+    if "resolution" in info:
+        kwargs["resolution"] = info["resolution"]
+        if info.get("resolutionunit") is not None:
+            kwargs["resolutionunit"] = info["resolutionunit"]
+    photometric = info.get("photometric")
+    if photometric in ("rgb", "minisblack"):
+        kwargs["photometric"] = photometric
+    if "imagej" in info:
+        meta = dict(info["imagej"])
+        meta["axes"] = info["axes"].replace("S", "") if photometric == "rgb" else info["axes"]
+        meta.pop("min", None), meta.pop("max", None)
+        tifffile.imwrite(tmp, image.data, imagej=True, metadata=meta, **kwargs)
+    else:
+        meta = {"axes": info["axes"]} if "axes" in info else {}
+        tifffile.imwrite(tmp, image.data, metadata=meta, description=info.get("description"), **kwargs)

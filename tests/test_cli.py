@@ -1,0 +1,150 @@
+import hashlib
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from demoe import cli, files
+
+
+@pytest.fixture
+def folder(tmp_path, identity_model, monkeypatch):
+    """A mixed folder: 8-bit PNG, 16-bit multi-page ImageJ TIFF, RGBA PNG, .npy and a corrupt JPEG."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    cv2.imwrite(str(src / "img10.png"), rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    cv2.imwrite(str(src / "img2.png"), rng.integers(0, 256, (30, 20), dtype=np.uint8))
+    cv2.imwrite(str(src / "rgba.png"), rng.integers(0, 256, (24, 28, 4), dtype=np.uint8))
+    tifffile.imwrite(src / "stack.tif", rng.integers(0, 4096, (3, 32, 36), dtype=np.uint16), imagej=True,
+                     resolution=(4.0, 4.0), metadata={"axes": "ZYX", "spacing": 0.5, "unit": "um"})
+    np.save(src / "sub" / "field.npy", rng.random((20, 22)).astype(np.float32))
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    # Use the exact identity network so outputs can be checked pixel for pixel.
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    return src
+
+
+def digest(folder):
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_deblur_folder(folder, tmp_path, capsys):
+    before = digest(folder)
+    out = tmp_path / "out"
+    rc = cli.main(["deblur", str(folder), "-o", str(out), "-r", "-q", "--tile-size", "16", "--overlap", "4"])
+    captured = capsys.readouterr()
+    assert rc == 1  # the corrupt file failed
+    assert "broken.jpg: FAILED: cannot decode broken.jpg" in captured.out + captured.err
+    assert "5 deblurred, 0 skipped, 1 failed" in captured.err
+    assert digest(folder) == before  # inputs byte-identical
+    # Natural order: img2 before img10.
+    text = captured.out + captured.err
+    assert text.index("img2.png") < text.index("img10.png")
+    assert "detected, p=" in text
+
+    png = cv2.imread(str(out / "img10_deblurred.png"), cv2.IMREAD_UNCHANGED)
+    assert png.shape == (40, 50, 3) and png.dtype == np.uint8
+    np.testing.assert_array_equal(png, cv2.imread(str(folder / "img10.png"), cv2.IMREAD_UNCHANGED))
+    rgba = cv2.imread(str(out / "rgba_deblurred.png"), cv2.IMREAD_UNCHANGED)
+    assert rgba.shape == (24, 28, 4)
+    np.testing.assert_array_equal(rgba, cv2.imread(str(folder / "rgba.png"), cv2.IMREAD_UNCHANGED))
+    with tifffile.TiffFile(out / "stack_deblurred.tif") as tif:
+        assert tif.is_imagej and tif.series[0].axes == "ZYX"
+        assert tif.series[0].dtype == np.uint16 and tif.series[0].shape == (3, 32, 36)
+        assert tif.imagej_metadata["spacing"] == 0.5 and tif.imagej_metadata["unit"] == "um"
+        assert tif.pages[0].tags["XResolution"].value == (4, 1)
+        np.testing.assert_array_equal(tif.asarray(), tifffile.imread(folder / "stack.tif"))
+    npy = np.load(out / "sub" / "field_deblurred.npy")
+    assert npy.dtype == np.float32 and npy.shape == (20, 22)
+    assert not list(out.rglob(".*partial*"))
+
+
+def test_existing_outputs_need_overwrite(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["deblur", str(folder / "img2.png"), "-o", str(out), "-q"]
+    assert cli.main(args) == 0
+    target = out / "img2_deblurred.png"
+    target.write_bytes(b"keep me")
+    assert cli.main(args) == 0
+    assert target.read_bytes() == b"keep me"
+    assert "skipped" in capsys.readouterr().out
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert cv2.imread(str(target)) is not None
+
+
+def test_refuses_to_overwrite_inputs(folder, capsys):
+    before = digest(folder)
+    rc = cli.main(["deblur", str(folder / "img2.png"), "-o", str(folder), "--suffix", "", "-q", "--overwrite"])
+    assert rc == 2
+    assert "would overwrite an input" in capsys.readouterr().err
+    assert digest(folder) == before
+
+
+def test_default_output_beside_input(folder):
+    assert cli.main(["deblur", str(folder / "img2.png"), "-q"]) == 0
+    assert (folder / "img2_deblurred.png").is_file()
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    image = files.Image(np.zeros((10, 10), np.uint16), None, tiff={"axes": "YX"})
+
+    def boom(tmp, img):
+        tmp.write_bytes(b"half an image")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files, "_write_tiff", boom)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_image(tmp_path / "out.tif", image)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_zarr_in_zarr_out(tmp_path, identity_model, monkeypatch):
+    zarr = pytest.importorskip("zarr")
+    da = pytest.importorskip("dask.array")
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    img = np.random.default_rng(0).integers(0, 4000, (64, 48), dtype=np.uint16)
+    da.from_array(img, chunks=(32, 24)).to_zarr(str(tmp_path / "big.zarr"))
+    rc = cli.main(["deblur", str(tmp_path / "big.zarr"), "-o", str(tmp_path / "out"), "-q",
+                   "--tile-size", "16", "--overlap", "4"])
+    assert rc == 0
+    out = zarr.open(str(tmp_path / "out" / "big_deblurred.zarr"), mode="r")
+    np.testing.assert_array_equal(out[:], img)
+
+
+def test_missing_input_and_empty_folder(tmp_path, capsys):
+    assert cli.main(["deblur", str(tmp_path / "nope.png")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["deblur", str(tmp_path / "empty")]) == 2
+    assert "no images found" in capsys.readouterr().err
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "devices available: cpu" in text or "cuda" in text
+    assert "default model:" in text and "NVIDIA H200" in text
+
+
+def test_help_everywhere(capsys):
+    for argv in (["--help"], ["deblur", "--help"], ["info", "--help"], ["train", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 0
+    assert "--time-limit" in capsys.readouterr().out
+
+
+def test_train_command_runs_and_resumes(tmp_path):
+    args = ["train", "--width", "4", "--enc-blk-nums", "1", "1", "--dec-blk-nums", "1", "1", "--middle-blk-num", "1",
+            "--patch", "32", "--batch", "2", "--workers", "0", "--steps", "3", "--warmup", "1", "--ckpt-every", "2",
+            "--out", str(tmp_path / "run"), "--no-progress"]
+    assert cli.main(args) == 0
+    from demoe import load_model
+
+    model = load_model(tmp_path / "run" / "model.safetensors", device="cpu")
+    assert model.metadata["training"]["steps"] == 3
+    assert cli.main([*args[:-5], "--steps", "5", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    resumed = load_model(tmp_path / "run" / "model.safetensors", device="cpu")
+    sessions = resumed.metadata["training"]["sessions"]
+    assert [s["start_step"] for s in sessions] == [0, 3] and resumed.metadata["training"]["steps"] == 5

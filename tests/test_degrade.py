@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import torch
+
+from demoe import TASKS
+from demoe.data import PairFolder, SyntheticPairs, dead_leaves
+from demoe.degrade import (GENERATORS, convolve, degrade, make_pair, psf_disk, psf_gaussian, psf_trajectory,
+                           random_shake_trajectory)
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    return dead_leaves(96, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_generators_are_seeded_and_labelled(sharp, task):
+    a, b = degrade(sharp, task, 5), degrade(sharp, task, 5)
+    c = degrade(sharp, task, 6)
+    np.testing.assert_array_equal(a.blurry, b.blurry)
+    assert not np.array_equal(a.blurry, c.blurry)
+    assert a.task == task and a.label == TASKS.index(task)
+    assert a.blurry.shape == sharp.shape and a.blurry.dtype == np.float32
+    assert 0 <= a.blurry.min() and a.blurry.max() <= 1
+    np.testing.assert_array_equal(a.sharp, sharp)  # the target is the untouched sharp image
+    assert np.abs(a.blurry - sharp).mean() > 1e-3  # it really degrades
+    if a.psf is not None:
+        assert a.psf.ndim == 2 and abs(a.psf.sum() - 1) < 1e-5
+
+
+def test_generators_in_expert_order():
+    assert tuple(GENERATORS) == TASKS
+
+
+@pytest.mark.parametrize("task", ["defocus", "global_motion", "local_motion", "synth_global_motion"])
+def test_blur_keeps_mean_intensity(sharp, task):
+    from demoe.degrade import to_linear
+
+    pair = degrade(sharp, task, 3)
+    if task == "synth_global_motion":
+        # Frames are averaged in linear light: the mean is kept there, not after the gamma.
+        assert abs(to_linear(pair.blurry).mean() / to_linear(sharp).mean() - 1) < 0.03
+    else:
+        assert abs(pair.blurry.mean() / sharp.mean() - 1) < 0.03
+
+
+def test_low_light_is_dark_and_noisy(sharp):
+    pair = degrade(sharp, "low_light", 2)
+    assert pair.blurry.mean() < 0.75 * sharp.mean()
+
+
+def test_psfs():
+    for psf in (psf_disk(3.5), psf_gaussian(1.5), psf_trajectory(random_shake_trajectory(np.random.default_rng(0), 15))):
+        assert abs(psf.sum() - 1) < 1e-5 and (psf >= 0).all() and psf.shape[0] % 2 == 1
+    # A disk is round and its radius grows with the argument.
+    assert psf_disk(5).shape[0] > psf_disk(2).shape[0]
+    # A centred kernel does not shift the image.
+    img = np.zeros((41, 41), np.float32)
+    img[20, 20] = 1
+    out = convolve(img, psf_trajectory(random_shake_trajectory(np.random.default_rng(1), 12)))
+    ys, xs = np.nonzero(out > 0)
+    cy, cx = (out[ys, xs] * ys).sum() / out.sum(), (out[ys, xs] * xs).sum() / out.sum()
+    assert abs(cy - 20) < 0.6 and abs(cx - 20) < 0.6
+
+
+def test_user_psf_and_options(sharp):
+    psf = np.zeros((5, 5))
+    psf[2, :] = 2.0  # unnormalised horizontal line: normalised for the user
+    pair = make_pair(sharp, psf, 0, noise=0.01)
+    expected = convolve(sharp, psf / psf.sum())
+    assert np.abs(pair.blurry - expected).std() == pytest.approx(0.01, rel=0.3)
+    jpg = degrade(sharp, "defocus", 0, jpeg=30)
+    plain = degrade(sharp, "defocus", 0)
+    assert 0 < np.abs(jpg.blurry - plain.blurry).mean() < 0.05
+    sat = degrade(sharp, "global_motion", 0, saturate=0.05)
+    assert (sat.blurry >= 0.999).mean() > (degrade(sharp, "global_motion", 0).blurry >= 0.999).mean()
+    pair = degrade(sharp, "defocus", 0, psf=psf_gaussian(2.0))
+    np.testing.assert_allclose(pair.blurry, np.clip(convolve(sharp, psf_gaussian(2.0)), 0, 1), atol=1e-6)
+
+
+def test_bad_arguments(sharp):
+    with pytest.raises(ValueError, match="valid tasks are"):
+        degrade(sharp, "fog", 0)
+    with pytest.raises(TypeError, match="float images"):
+        degrade((sharp * 255).astype(np.uint8), "defocus", 0)
+    with pytest.raises(ValueError, match="positive sum"):
+        make_pair(sharp, np.zeros((3, 3)))
+
+
+def test_dead_leaves_statistics():
+    img = dead_leaves(128, np.random.default_rng(3))
+    assert img.shape == (128, 128, 3) and 0.2 < img.mean() < 0.8
+    assert np.abs(np.diff(img, axis=0)).max() > 0.3  # it has edges
+
+
+def test_synthetic_stream(sharp):
+    photo = np.random.default_rng(0).random((300, 300, 3)).astype(np.float32)
+    ds = SyntheticPairs([photo], patch=32, photo_fraction=0.5, seed=1)
+    it = iter(ds)
+    samples = [next(it) for _ in range(40)]
+    labels = {s[2] for s in samples}
+    assert labels == set(range(5))
+    b, s, _ = samples[0]
+    assert b.shape == s.shape == (3, 32, 32) and b.dtype == torch.float32
+    again = next(iter(SyntheticPairs([photo], patch=32, photo_fraction=0.5, seed=1)))
+    torch.testing.assert_close(again[0], samples[0][0])
+
+
+def test_pair_folder(tmp_path):
+    import cv2
+
+    for sub in ("blurry", "sharp"):
+        (tmp_path / sub).mkdir()
+        cv2.imwrite(str(tmp_path / sub / "a.png"), np.full((40, 40, 3), 100 if sub == "blurry" else 200, np.uint8))
+    b, s, label = next(iter(PairFolder(tmp_path, "global_motion", patch=16)))
+    assert label == 1 and b.shape == (3, 16, 16)
+    assert torch.allclose(b, torch.full_like(b, 100 / 255)) and torch.allclose(s, torch.full_like(s, 200 / 255))
+    with pytest.raises(ValueError, match="valid tasks"):
+        PairFolder(tmp_path, "rain")
