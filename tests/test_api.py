@@ -260,3 +260,11 @@ def test_default_argument_uses_packaged_model(blurred_photo):
         warnings.simplefilter("error")
         out = deblur(blurry[:64, :64], device="cpu")
     assert out.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("shape, chunks", [((40, 40), (40, 40)), ((2, 40, 30), (1, 20, 15)), ((5, 7), (2, 3))])
+def test_dask_small_images_and_chunks(identity_model, shape, chunks):
+    da = pytest.importorskip("dask.array")
+    img = np.random.default_rng(0).random(shape).astype(np.float32)
+    out = deblur(da.from_array(img, chunks=chunks), model=identity_model, device="cpu").compute()
+    np.testing.assert_allclose(out, img, atol=1e-5)

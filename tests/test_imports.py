@@ -11,8 +11,8 @@ def _modules_after(statement: str) -> set[str]:
 
 
 def test_demoe_imports_no_gui():
-    mods = _modules_after("import demoe")
-    assert "torch" in mods  # the check itself works
+    mods = _modules_after("import demoe; demoe.deblur; import demoe.cli, demoe.train, demoe.files")
+    assert "torch" in mods and "demoe.api" in mods  # the check itself works
     assert not {m for m in mods if m.split(".")[0] in {"napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui"}}
 
 
@@ -20,3 +20,8 @@ def test_napari_demoe_imports_no_torch():
     mods = _modules_after("import napari_demoe")
     assert "napari_demoe" in mods
     assert "torch" not in mods and "demoe" not in mods
+
+
+def test_degradations_need_no_torch():
+    mods = _modules_after("import demoe.degrade")
+    assert "demoe.degrade" in mods and "torch" not in mods

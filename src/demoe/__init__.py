@@ -1,12 +1,34 @@
-"""DeMoE all-in-one image deblurring: the network, its weights and a numpy API."""
+"""DeMoE all-in-one image deblurring: the network, its weights and a numpy API.
 
-from .checkpoint import CheckpointError, available_devices, load_model, save_model
-from .model import TASKS, DeMoE
+Importing ``demoe`` is cheap: torch is imported when a model, the loader or
+``deblur`` is first used, so ``demoe.degrade`` and ``demoe.tasks`` work without it.
+"""
+
+from importlib import import_module
+
+from .tasks import TASK_LABELS, TASKS
 
 __version__ = "0.1.0"
 
-__all__ = ["TASKS", "DeMoE", "CheckpointError", "available_devices", "load_model", "save_model", "__version__"]
+_LAZY = {
+    "DeMoE": "model",
+    "CheckpointError": "checkpoint",
+    "available_devices": "checkpoint",
+    "load_model": "checkpoint",
+    "save_model": "checkpoint",
+    "deblur": "api",
+}
 
-from .api import deblur  # noqa: E402
+__all__ = ["TASKS", "TASK_LABELS", "__version__", *_LAZY]
 
-__all__ += ["deblur"]
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'demoe' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -453,8 +453,8 @@ def _deblur_dask(moved, s: dict):
     info["tiles"] = None  # computed lazily
     margin = 2 * s["ovl"] + s["multiple"]  # context each chunk borrows from its neighbours
     depth = {i: 0 for i in range(moved.ndim)}
-    depth[moved.ndim - 3] = margin
-    depth[moved.ndim - 2] = margin
+    depth[moved.ndim - 3] = min(margin, h)  # dask refuses a depth beyond the array
+    depth[moved.ndim - 2] = min(margin, w)
 
     def block_fn(block):
         _check_finite(block)

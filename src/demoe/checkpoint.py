@@ -112,10 +112,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: not a plain-tensor checkpoint; it holds objects that loading would have "
-            "to execute, so it was refused (only tensors and plain containers are accepted)"
-        ) from err
+        if "global" in str(err).lower():  # the pickle names a class or function to call
+            raise CheckpointError(
+                f"{path}: not a plain-tensor checkpoint; it holds objects that loading would have "
+                "to execute, so it was refused (only tensors and plain containers are accepted)"
+            ) from err
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or another format)") from err
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
     if isinstance(obj, dict) and isinstance(obj.get("params"), dict):

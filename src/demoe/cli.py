@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .model import TASKS
+from .tasks import TASKS
 
 
 # -- demoe deblur ---------------------------------------------------------------------------

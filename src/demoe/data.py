@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .degrade import GENERATORS
-from .model import TASKS
+from .tasks import TASKS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 

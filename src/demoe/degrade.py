@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .model import TASKS
+from .tasks import TASKS
 
 #: Display gamma used to move between stored (sRGB-like) and linear intensity.
 GAMMA = 2.2

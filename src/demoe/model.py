@@ -14,14 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Task names in expert order: ``TASKS[i]`` is handled by expert ``i``.
-TASKS: tuple[str, ...] = (
-    "defocus",
-    "global_motion",
-    "local_motion",
-    "synth_global_motion",
-    "low_light",
-)
+from .tasks import TASKS
 
 
 class LayerNorm2d(nn.Module):

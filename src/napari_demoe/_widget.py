@@ -1,0 +1,317 @@
+"""The "Deblur (DeMoE)" dock widget.
+
+Thin by design: :func:`deblur_layer_data` is the plain function behind it (all
+processing is ``demoe.deblur``), :class:`DeblurWidget` only gathers settings,
+runs that function on napari's thread worker, shows progress and routing, and
+adds or updates the result layer. torch is imported by the worker, not when
+napari starts.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, Label, ProgressBar, PushButton,
+                              RadioButtons, SpinBox)
+
+from demoe.tasks import TASK_LABELS, TASKS
+
+DEFAULT_MODEL = "Packaged default"
+NO_LAYER_HINT = "Add or open an image layer to deblur."
+CHECKPOINT = "Checkpoint file…"
+
+
+class Cancelled(Exception):
+    """Raised from the progress callback to stop between tile batches."""
+
+
+@dataclass
+class DeblurSettings:
+    task: str = "auto"
+    checkpoint: str | None = None  # None: the packaged default
+    tile_size: int | None = None  # None: automatic
+    overlap: int | None = None
+    device: str | None = None  # None: automatic
+    plane: tuple[int, ...] | None = None  # leading-axis index: process this plane only
+    compute: bool = False  # compute a dask layer now instead of lazily
+
+
+_models: dict[tuple[str | None, str | None], Any] = {}
+
+
+def get_model(checkpoint: str | None, device: str | None):
+    """Load (once) the packaged default or a checkpoint, on ``device``."""
+    import demoe
+
+    key = (checkpoint, device)
+    if key not in _models:
+        _models[key] = demoe.load_model(checkpoint or None, device=device)
+    return _models[key]
+
+
+def deblur_layer_data(data, *, rgb: bool, settings: DeblurSettings, progress=None):
+    """Deblur an image layer's data; returns ``(result, info)``.
+
+    ``data`` is the layer's array (numpy or dask; ``rgb`` layers have colour
+    last). With ``settings.plane`` only that plane of the leading axes is
+    processed. Dask input gives a lazy result unless ``settings.compute``.
+    """
+    import demoe
+
+    if settings.plane is not None:
+        data = data[tuple(settings.plane)]
+    model = get_model(settings.checkpoint, settings.device)
+    out, info = demoe.deblur(data, task=None if settings.task == "auto" else settings.task, model=model,
+                             channel_axis=-1 if rgb else None, tile_size=settings.tile_size,
+                             overlap=settings.overlap, device=settings.device, progress=progress,
+                             return_info=True)
+    if settings.compute and hasattr(out, "compute"):
+        out = out.compute()
+    info["model"] = getattr(model, "source", "packaged default")
+    return out, info
+
+
+def result_name(layer_name: str, settings: DeblurSettings) -> str:
+    return f"{layer_name} deblurred" + (" (preview)" if settings.plane is not None else "")
+
+
+def result_layer_kwargs(layer, settings: DeblurSettings, info: dict) -> dict:
+    """Properties of the result layer: the source's geometry and display, plus what was done."""
+    drop = len(settings.plane) if settings.plane is not None else 0
+    kwargs = {
+        "name": result_name(layer.name, settings),
+        "scale": tuple(layer.scale)[drop:],
+        "translate": tuple(layer.translate)[drop:],
+        "rgb": layer.rgb,
+        "metadata": {**dict(layer.metadata), "demoe": {**{k: v for k, v in info.items() if k != "seconds"},
+                                                       "seconds": round(info.get("seconds", 0.0), 2),
+                                                       "settings": asdict(settings), "source_layer": layer.name}},
+    }
+    if not layer.rgb:
+        kwargs["colormap"] = layer.colormap.name
+        kwargs["contrast_limits"] = tuple(layer.contrast_limits)
+    return kwargs
+
+
+def routing_text(info: dict) -> str:
+    probs = info.get("probabilities", {})
+    if info.get("forced"):
+        return f"Expert used: {TASK_LABELS.get(info['task'], info['task'])} (chosen)"
+    if not probs or any(np.isnan(p) for p in probs.values()):
+        return "Blur type: per tile"
+    ranked = sorted(probs.items(), key=lambda kv: -kv[1])
+    return "Detected: " + " · ".join(f"{TASK_LABELS[t]} {p:.0%}" for t, p in ranked)
+
+
+class DeblurWidget(Container):
+    """Dock widget: pick an image layer, press Deblur, get "<name> deblurred"."""
+
+    def __init__(self, napari_viewer):
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.worker = None
+        self._cancel = threading.Event()
+
+        self.layer = ComboBox(label="Image", choices=self._image_layers)
+        self.task = ComboBox(label="Blur type", value="auto",
+                             choices=[("Auto (detect)", "auto")] + [(TASK_LABELS[t], t) for t in TASKS])
+        self.model = ComboBox(label="Model", choices=[DEFAULT_MODEL, CHECKPOINT], value=DEFAULT_MODEL)
+        self.checkpoint = FileEdit(label="Checkpoint", mode="r", filter="*.pt *.pth *.safetensors", visible=False)
+        self.scope = RadioButtons(label="Process", choices=["Whole stack", "Current plane (preview)"],
+                                  value="Whole stack", orientation="horizontal")
+        self.compute = CheckBox(label="Compute lazy (dask) data now", value=False)
+        self.advanced = CheckBox(label="Advanced settings", value=False)
+        self.auto_tiles = CheckBox(label="Automatic tiles", value=True, visible=False)
+        self.tile_size = SpinBox(label="Tile size", min=16, max=4096, step=16, value=256, visible=False, enabled=False)
+        self.overlap = SpinBox(label="Overlap", min=0, max=1024, step=4, value=32, visible=False, enabled=False)
+        self.device = ComboBox(label="Device", choices=["auto"], value="auto", visible=False)
+        self.run_button = PushButton(text="Deblur")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
+        self.routing = Label(label="Blur type", value="–")
+        self.status = Label(label="", value="")
+
+        self.extend([self.layer, self.task, self.model, self.checkpoint, self.scope, self.compute, self.advanced,
+                     self.auto_tiles, self.tile_size, self.overlap, self.device, self.run_button,
+                     self.cancel_button, self.progress, self.routing, self.status])
+
+        self.model.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == CHECKPOINT))
+        self.advanced.changed.connect(self._toggle_advanced)
+        self.auto_tiles.changed.connect(lambda v: [setattr(w, "enabled", not v) for w in (self.tile_size, self.overlap)])
+        self.layer.changed.connect(self._refresh)
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        for event in ("inserted", "removed", "reordered"):
+            getattr(self.viewer.layers.events, event).connect(self._refresh)
+        self._progress_relay = _ProgressRelay()
+        self._progress_relay.signal.connect(self._on_progress)
+        self._refresh()
+        self._find_devices()
+
+    # -- state ---------------------------------------------------------------------
+    def _image_layers(self, _widget=None):
+        from napari.layers import Image
+
+        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _refresh(self, *_):
+        self.layer.reset_choices()
+        layer = self.layer.value
+        busy = self.worker is not None
+        self.run_button.enabled = layer is not None and not busy
+        if layer is None:
+            self.status.value = NO_LAYER_HINT
+        elif self.status.value == NO_LAYER_HINT:
+            self.status.value = ""
+        self.scope.enabled = layer is not None and self._leading_axes(layer) > 0
+        self.compute.visible = layer is not None and _is_lazy(_layer_array(layer))
+
+    @staticmethod
+    def _leading_axes(layer) -> int:
+        return layer.ndim - 2  # napari's layer.ndim excludes the rgb channel axis
+
+    def _toggle_advanced(self, on: bool):
+        for w in (self.auto_tiles, self.tile_size, self.overlap, self.device):
+            w.visible = on
+
+    def _find_devices(self):
+        """List the devices in the background (this imports torch, off the GUI thread)."""
+        from napari.qt.threading import create_worker
+
+        def find():
+            from demoe import available_devices
+
+            return available_devices()
+
+        worker = create_worker(find, _start_thread=False, _ignore_errors=True)  # keep "auto" on failure
+        worker.returned.connect(lambda devices: setattr(self.device, "choices", ["auto", *devices]))
+        worker.start()
+        self._device_worker = worker
+
+    def settings(self) -> DeblurSettings:
+        layer = self.layer.value
+        plane = None
+        if self.scope.value.startswith("Current") and layer is not None and self._leading_axes(layer) > 0:
+            point = layer.world_to_data(self.viewer.dims.point[-layer.ndim:])
+            lead = self._leading_axes(layer)
+            shape = _layer_array(layer).shape
+            plane = tuple(int(np.clip(round(float(p)), 0, shape[i] - 1)) for i, p in enumerate(point[:lead]))
+        checkpoint = None
+        if self.model.value == CHECKPOINT:
+            checkpoint = str(self.checkpoint.value)
+            if not checkpoint or checkpoint == ".":
+                raise ValueError("choose a checkpoint file (.pt, .pth or .safetensors)")
+        manual = self.advanced.value and not self.auto_tiles.value
+        return DeblurSettings(
+            task=self.task.value, checkpoint=checkpoint,
+            tile_size=int(self.tile_size.value) if manual else None,
+            overlap=int(self.overlap.value) if manual else None,
+            device=None if self.device.value == "auto" else self.device.value,
+            plane=plane, compute=bool(self.compute.value),
+        )
+
+    # -- running -------------------------------------------------------------------
+    def run(self, *_):
+        from napari.qt.threading import create_worker
+        from napari.utils.notifications import show_error
+
+        layer = self.layer.value
+        if layer is None or self.worker is not None:
+            return
+        try:
+            settings = self.settings()
+        except ValueError as err:
+            show_error(f"Deblur: {err}")
+            return
+        self._cancel.clear()
+        data = _layer_array(layer)
+        relay = self._progress_relay
+
+        def report(done, total):
+            if self._cancel.is_set():
+                raise Cancelled
+            relay.signal.emit(done, total)
+
+        self.worker = create_worker(deblur_layer_data, data, rgb=layer.rgb, settings=settings, progress=report,
+                                    _start_thread=False, _ignore_errors=True)  # handled by _on_error
+        self.worker.returned.connect(lambda result: self._on_done(layer, settings, result))
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(self._on_finished)
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.max, self.progress.value = 1, 0
+        self.status.value = "Loading the model…" if not _models else "Deblurring…"
+        self.worker.start()
+
+    def cancel(self, *_):
+        if self.worker is not None:
+            self._cancel.set()
+            self.status.value = "Cancelling…"
+
+    def _on_progress(self, done, total):
+        self.progress.max = max(total, 1)
+        self.progress.value = done
+        self.status.value = f"Deblurring: {done}/{total} tiles"
+
+    def _on_done(self, layer, settings, result):
+        out, info = result
+        kwargs = result_layer_kwargs(layer, settings, info)
+        name = kwargs.pop("name")
+        if name in self.viewer.layers:  # re-run: update the previous result in place
+            target = self.viewer.layers[name]
+            if target.rgb == kwargs["rgb"] and target.data.ndim == out.ndim:
+                target.data = out
+                target.metadata = kwargs["metadata"]
+                if "contrast_limits" in kwargs:
+                    target.contrast_limits = kwargs["contrast_limits"]
+            else:
+                self.viewer.layers.remove(name)
+                self.viewer.add_image(out, name=name, **kwargs)
+        else:
+            self.viewer.add_image(out, name=name, **kwargs)
+        self.routing.value = routing_text(info)
+        self.progress.value = self.progress.max
+        self.status.value = f"Done on {info['device']} in {info['seconds']:.1f} s"
+
+    def _on_error(self, err):
+        from napari.utils.notifications import show_error, show_info
+
+        if isinstance(err, Cancelled):
+            show_info("Deblur cancelled; no layer was added.")
+            self.status.value = "Cancelled"
+        elif isinstance(err, MemoryError):
+            show_error(f"Deblur ran out of memory: {err}. Try a smaller tile size or the CPU.")
+            self.status.value = "Out of memory"
+        else:
+            show_error(f"Deblur failed: {err}")
+            self.status.value = f"Failed: {err}"
+        self.progress.value = 0
+
+    def _on_finished(self):
+        self.worker = None
+        self.cancel_button.enabled = False
+        self._refresh()
+
+
+class _ProgressRelay:
+    """Carries (done, total) from the worker thread to the GUI thread (a queued Qt signal)."""
+
+    def __init__(self):
+        from qtpy.QtCore import QObject, Signal
+
+        class _Emitter(QObject):
+            progressed = Signal(int, int)
+
+        self._emitter = _Emitter()
+        self.signal = self._emitter.progressed
+
+
+def _layer_array(layer):
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def _is_lazy(data) -> bool:
+    return hasattr(data, "compute")

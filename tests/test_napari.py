@@ -1,0 +1,207 @@
+"""The napari plugin, headless: the plain function, then the widget in a real viewer."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari_demoe import _sample_data  # noqa: E402
+from napari_demoe._widget import (DeblurSettings, DeblurWidget, _models, deblur_layer_data,  # noqa: E402
+                                  result_layer_kwargs, routing_text)
+
+
+@pytest.fixture
+def use_model(tiny_model):
+    """The widget's "packaged default" becomes a small random model (fast)."""
+    _models.clear()
+    _models[(None, None)] = tiny_model
+    yield
+    _models.clear()
+
+
+@pytest.fixture
+def identity_ckpt(tmp_path, identity_model):
+    """A checkpoint file of the exact identity network, loaded through the widget's file picker path."""
+    from demoe import save_model
+
+    return str(save_model(identity_model, tmp_path / "identity.safetensors"))
+
+
+# -- the plain function -------------------------------------------------------------------
+def test_plain_function_rgb_and_plane(use_model, identity_ckpt):
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    out, info = deblur_layer_data(rgb, rgb=True, settings=DeblurSettings())
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    assert set(info["probabilities"]) == {"defocus", "global_motion", "local_motion", "synth_global_motion", "low_light"}
+    stack = np.random.default_rng(1).integers(0, 4096, (3, 30, 40), dtype=np.uint16)
+    plane, _ = deblur_layer_data(stack, rgb=False, settings=DeblurSettings(plane=(1,), checkpoint=identity_ckpt))
+    np.testing.assert_array_equal(plane, stack[1])
+
+
+def test_plain_function_dask_lazy_or_computed(use_model, identity_ckpt):
+    da = pytest.importorskip("dask.array")
+    lazy = da.from_array(np.random.default_rng(0).random((2, 40, 40)).astype(np.float32), chunks=(1, 40, 40))
+    out, _ = deblur_layer_data(lazy, rgb=False, settings=DeblurSettings(checkpoint=identity_ckpt, task="defocus"))
+    assert isinstance(out, da.Array)
+    out, _ = deblur_layer_data(lazy, rgb=False, settings=DeblurSettings(checkpoint=identity_ckpt, task="defocus",
+                                                                        compute=True))
+    assert isinstance(out, np.ndarray)
+
+
+def test_routing_text():
+    info = {"probabilities": {"defocus": 0.7, "global_motion": 0.2, "local_motion": 0.1,
+                              "synth_global_motion": 0.0, "low_light": 0.0}, "forced": False, "task": "defocus"}
+    assert routing_text(info).startswith("Detected: Defocus 70% · Camera shake 20%")
+    assert routing_text({"forced": True, "task": "low_light", "probabilities": {}}) == "Expert used: Low light (chosen)"
+
+
+# -- the widget in napari -------------------------------------------------------------------
+def _wait(qtbot, widget, timeout=60000):
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
+
+
+def test_widget_adds_result_layer(make_napari_viewer, qtbot, use_model):
+    viewer = make_napari_viewer()
+    widget = DeblurWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert not widget.run_button.enabled and "image layer" in widget.status.value  # nothing to deblur yet
+    img = np.random.default_rng(0).integers(0, 4096, (60, 70), dtype=np.uint16)
+    src = viewer.add_image(img, name="cells", scale=(0.5, 0.25), translate=(3, 4), colormap="magma",
+                           contrast_limits=(10, 3000))
+    assert widget.run_button.enabled
+    widget.run()
+    _wait(qtbot, widget)
+    out = viewer.layers["cells deblurred"]
+    assert out.data.shape == img.shape and out.data.dtype == np.uint16
+    assert tuple(out.scale) == (0.5, 0.25) and tuple(out.translate) == (3, 4)
+    assert out.colormap.name == "magma" and tuple(out.contrast_limits) == (10, 3000)
+    meta = out.metadata["demoe"]
+    assert set(meta["probabilities"]) >= {"defocus", "low_light"} and meta["settings"]["task"] == "auto"
+    assert widget.routing.value.startswith("Detected:")
+    assert widget.progress.value == widget.progress.max
+    np.testing.assert_array_equal(src.data, img)  # the input layer is untouched
+    # Re-running updates the same layer instead of adding another.
+    widget.task.value = "defocus"
+    widget.run()
+    _wait(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == ["cells", "cells deblurred"]
+    assert viewer.layers["cells deblurred"].metadata["demoe"]["settings"]["task"] == "defocus"
+
+
+def test_widget_processes_every_plane_and_rgb(make_napari_viewer, qtbot, use_model, identity_ckpt):
+    viewer = make_napari_viewer()
+    widget = DeblurWidget(viewer)
+    stack = np.random.default_rng(2).random((4, 32, 40)).astype(np.float32)
+    viewer.add_image(stack, name="stack")
+    widget.model.value = "Checkpoint file…"
+    widget.checkpoint.value = identity_ckpt
+    widget.run()
+    _wait(qtbot, widget)
+    np.testing.assert_allclose(viewer.layers["stack deblurred"].data, stack, atol=1e-5)  # all planes done
+    # Preview of the plane on screen only.
+    viewer.dims.set_current_step(0, 2)
+    widget.scope.value = "Current plane (preview)"
+    widget.run()
+    _wait(qtbot, widget)
+    preview = viewer.layers["stack deblurred (preview)"]
+    np.testing.assert_allclose(preview.data, stack[2], atol=1e-5)
+    rgb = np.random.default_rng(3).integers(0, 256, (30, 30, 3), dtype=np.uint8)
+    viewer.add_image(rgb, name="photo", rgb=True)
+    widget.layer.value = viewer.layers["photo"]
+    widget.scope.value = "Whole stack"
+    widget.run()
+    _wait(qtbot, widget)
+    out = viewer.layers["photo deblurred"]
+    assert out.rgb and out.data.shape == rgb.shape
+
+
+def test_widget_cancel_leaves_no_layer(make_napari_viewer, qtbot, use_model):
+    viewer = make_napari_viewer()
+    widget = DeblurWidget(viewer)
+    viewer.add_image(np.random.default_rng(0).random((200, 200)).astype(np.float32), name="big")
+    widget.advanced.value = True
+    widget.auto_tiles.value = False
+    widget.tile_size.value, widget.overlap.value = 16, 4  # many tiles, so there is time to cancel
+    widget.cancel()  # nothing running: harmless
+    progressed = []
+    widget._progress_relay.signal.connect(lambda d, t: progressed.append((d, t)))
+    widget.run()
+    assert widget.worker is not None and widget.cancel_button.enabled
+    widget.cancel_button.clicked.emit()  # press Cancel while it runs
+    _wait(qtbot, widget)
+    assert "big deblurred" not in viewer.layers
+    assert widget.status.value == "Cancelled"
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+    from demoe.tiling import num_tiles
+
+    total = num_tiles(200, 200, 16, 4, multiple=4)
+    assert all(done < total for done, _ in progressed)  # stopped between batches, before the end
+
+
+def test_widget_bad_checkpoint_is_reported(make_napari_viewer, qtbot, tmp_path, use_model):
+    viewer = make_napari_viewer()
+    widget = DeblurWidget(viewer)
+    viewer.add_image(np.zeros((20, 20), np.float32), name="x")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    widget.model.value = "Checkpoint file…"
+    widget.checkpoint.value = str(bad)
+    widget.run()
+    _wait(qtbot, widget)
+    assert widget.status.value.startswith("Failed:") and "bad.pt" in widget.status.value
+    assert "x deblurred" not in viewer.layers
+
+
+def test_dask_layer_gives_lazy_result(make_napari_viewer, qtbot, use_model):
+    da = pytest.importorskip("dask.array")
+    viewer = make_napari_viewer()
+    widget = DeblurWidget(viewer)
+    data = da.from_array(np.random.default_rng(0).random((3, 48, 48)).astype(np.float32), chunks=(1, 48, 48))
+    viewer.add_image(data, name="lazy")
+    assert not widget.compute.native.isHidden()  # the "compute now" choice is offered
+    widget.run()
+    _wait(qtbot, widget)
+    assert isinstance(viewer.layers["lazy deblurred"].data, da.Array)
+
+
+def test_sample_data_opens(make_napari_viewer):
+    viewer = make_napari_viewer()
+    for key in ("camera_shake", "defocus", "clock", "microscopy"):
+        viewer.open_sample("napari-demoe", key)
+    names = [layer.name for layer in viewer.layers]
+    assert "tissue Z-stack (defocus, 12-bit)" in names and len(names) == 4
+    stack = viewer.layers["tissue Z-stack (defocus, 12-bit)"]
+    assert stack.data.dtype == np.uint16 and stack.data.ndim == 3
+
+
+def test_samples_and_manifest_never_import_torch():
+    code = ("import sys, npe2; import napari_demoe._sample_data as s; "
+            "[f() for f in (s.camera_shake_photo, s.defocused_photo, s.motion_blurred_clock, s.microscopy_stack)]; "
+            "pm = npe2.PluginManager.instance(); pm.discover(); assert 'napari-demoe' in pm._manifests; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("False")
+
+
+def test_manifest_valid_and_in_filter_menu():
+    import npe2
+
+    pm = npe2.PluginManager.instance()
+    pm.discover()
+    manifest = pm.get_manifest("napari-demoe")
+    assert [w.display_name for w in manifest.contributions.widgets] == ["Deblur (DeMoE)"]
+    assert "napari/layers/filter" in manifest.contributions.menus
+    assert len(manifest.contributions.sample_data) == 4
+    result = subprocess.run([sys.executable, "-m", "npe2", "validate", "napari-demoe"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_result_layer_kwargs_preview_drops_leading_axes(make_napari_viewer):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.zeros((3, 10, 12)), scale=(2, 0.5, 0.25))
+    kw = result_layer_kwargs(layer, DeblurSettings(plane=(1,)), {"seconds": 1.0})
+    assert kw["name"] == "Image deblurred (preview)" and kw["scale"] == (0.5, 0.25)
