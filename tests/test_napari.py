@@ -55,7 +55,7 @@ def test_plain_function_dask_lazy_or_computed(use_model, identity_ckpt):
 def test_routing_text():
     info = {"probabilities": {"defocus": 0.7, "global_motion": 0.2, "local_motion": 0.1,
                               "synth_global_motion": 0.0, "low_light": 0.0}, "forced": False, "task": "defocus"}
-    assert routing_text(info).startswith("Detected: Defocus 70% · Camera shake 20%")
+    assert routing_text(info).startswith("Detected:\nDefocus: 70%\nCamera shake: 20%")
     assert routing_text({"forced": True, "task": "low_light", "probabilities": {}}) == "Expert used: Low light (chosen)"
 
 

@@ -103,7 +103,7 @@ def routing_text(info: dict) -> str:
     if not probs or any(np.isnan(p) for p in probs.values()):
         return "Blur type: per tile"
     ranked = sorted(probs.items(), key=lambda kv: -kv[1])
-    return "Detected: " + " · ".join(f"{TASK_LABELS[t]} {p:.0%}" for t, p in ranked)
+    return "Detected:\n" + "\n".join(f"{TASK_LABELS[t]}: {p:.0%}" for t, p in ranked)
 
 
 class DeblurWidget(Container):
@@ -148,6 +148,7 @@ class DeblurWidget(Container):
             getattr(self.viewer.layers.events, event).connect(self._refresh)
         self._progress_relay = _ProgressRelay()
         self._progress_relay.signal.connect(self._on_progress)
+        self.native.setMaximumWidth(460)  # leave the canvas its room
         self._refresh()
         self._find_devices()
 
