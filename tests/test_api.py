@@ -61,9 +61,9 @@ def test_alpha_passes_through_and_bgr_swaps(identity_model):
         shift.ending.bias.copy_(torch.tensor([0.2, 0.0, 0.0]))
     img = np.full((10, 12, 4), 100, np.uint8)
     img[..., 3] = 7
-    rgb = deblur(img, model=shift, device="cpu", task="defocus")
+    rgb = deblur(img, model=shift, device="cpu", task="defocus", preserve_mean=False)
     assert (rgb[..., 0] == 151).all() and (rgb[..., 1] == 100).all() and (rgb[..., 3] == 7).all()
-    bgr = deblur(img, model=shift, device="cpu", task="defocus", bgr=True)
+    bgr = deblur(img, model=shift, device="cpu", task="defocus", bgr=True, preserve_mean=False)
     assert (bgr[..., 2] == 151).all() and (bgr[..., 0] == 100).all()
 
 
@@ -72,7 +72,7 @@ def test_gray_is_replicated_and_averaged(identity_model):
     with torch.no_grad():
         shift.ending.weight.zero_()
         shift.ending.bias.copy_(torch.tensor([0.3, 0.0, 0.0]))
-    out = deblur(np.full((8, 8), 0.5, np.float32), model=shift, device="cpu", task="defocus")
+    out = deblur(np.full((8, 8), 0.5, np.float32), model=shift, device="cpu", task="defocus", preserve_mean=False)
     np.testing.assert_allclose(out, 0.6, atol=1e-6)  # (0.8 + 0.5 + 0.5) / 3
 
 
@@ -268,3 +268,34 @@ def test_dask_small_images_and_chunks(identity_model, shape, chunks):
     img = np.random.default_rng(0).random(shape).astype(np.float32)
     out = deblur(da.from_array(img, chunks=chunks), model=identity_model, device="cpu").compute()
     np.testing.assert_allclose(out, img, atol=1e-5)
+
+
+def test_preserve_mean_against_a_darkening_expert():
+    dark = demoe.DeMoE(width=4, middle_blk_num=0, enc_blk_nums=[1], dec_blk_nums=[1]).eval()
+    with torch.no_grad():  # every expert darkens by 0.1
+        dark.ending.weight.zero_()
+        dark.ending.bias.fill_(-0.1)
+    img = np.random.default_rng(0).integers(60, 200, (50, 40, 3), dtype=np.uint8)
+    kept = deblur(img, model=dark, task="synth_global_motion", device="cpu")
+    assert abs(kept.mean() - img.mean()) < 0.5
+    raw = deblur(img, model=dark, task="synth_global_motion", device="cpu", preserve_mean=False)
+    assert img.mean() - raw.mean() == pytest.approx(25.5, abs=0.6)
+    # The low-light expert is meant to change the exposure: not corrected by default.
+    low = deblur(img, model=dark, task="low_light", device="cpu")
+    np.testing.assert_array_equal(low, raw)
+    stack = np.random.default_rng(1).integers(100, 3000, (2, 30, 30), dtype=np.uint16)
+    out = deblur(stack, model=dark, task="defocus", device="cpu")
+    for z in range(2):
+        assert abs(out[z].mean() / stack[z].mean() - 1) < 1e-3
+
+
+def test_default_model_keeps_mean_on_gopro_blur(default_model):
+    from skimage import data
+
+    from demoe.degrade import degrade
+
+    sharp = data.astronaut()[128:384, 128:384].astype(np.float32) / 255
+    blurry = degrade(sharp, "synth_global_motion", rng=3, noise=0.01).blurry  # the benchmark's worst case
+    for task in (None, "synth_global_motion"):
+        out = deblur(blurry, model=default_model, task=task)
+        assert abs(out.mean() / blurry.mean() - 1) < 0.02

@@ -167,8 +167,10 @@ def _record_lines(record: dict, depth: int = 0) -> list[str]:
     for s in record.get("sessions", []):
         lines.append(f"training: steps {s.get('start_step')}-{s.get('end_step')} on {s.get('hardware')}, "
                      f"{s.get('wall_time_s', 0) / 60:.1f} min, started {s.get('started')}")
-    if "photos" in record:
-        lines.append(f"data: {record['photos']} photographs + dead leaves ({record.get('data', 'see README')})")
+    if "data" in record:
+        lines.append(f"data: {record['data']}")
+    elif "photos" in record:
+        lines.append(f"data: {record['photos']} photographs + dead leaves")
     return lines
 
 
