@@ -148,3 +148,25 @@ def test_train_command_runs_and_resumes(tmp_path):
     resumed = load_model(tmp_path / "run" / "model.safetensors", device="cpu")
     sessions = resumed.metadata["training"]["sessions"]
     assert [s["start_step"] for s in sessions] == [0, 3] and resumed.metadata["training"]["steps"] == 5
+
+
+def test_freeze_encoder_trains_only_decoder_experts_router(tmp_path):
+    import torch
+
+    from demoe import load_model, save_model
+    from demoe.train import TrainConfig, train
+
+    from conftest import randomize
+    from demoe import DeMoE
+
+    start = randomize(DeMoE(width=4, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1]), seed=2)
+    init = save_model(start, tmp_path / "init.safetensors")
+    cfg = TrainConfig(init=str(init), freeze_encoder=True, patch=32, batch=2, workers=0, steps=2, warmup=1,
+                      out=str(tmp_path / "ft"), lr=1e-2)
+    tuned = load_model(train(cfg, progress=False), device="cpu")
+    before, after = start.state_dict(), tuned.state_dict()
+    frozen = [k for k in before if k.startswith(("intro.", "encoders.", "downs.", "middle_blks."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["ending.weight"], after["ending.weight"])
+    assert not torch.equal(before["mlp_branch.classifier.6.weight"], after["mlp_branch.classifier.6.weight"])
+    assert tuned.metadata["training"]["init"]["source"] == "init.safetensors"
