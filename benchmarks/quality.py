@@ -87,7 +87,7 @@ def scores(restored, sharp):
     return psnr, ssim
 
 
-def run(model, seed0: int = 0):
+def run(model, seed0: int = 0, tlc: bool = False):
     rows = []  # (image, task, method, psnr, ssim, mean_ratio)
     routed = []  # (true task, detected task)
     pictures = {}
@@ -96,10 +96,10 @@ def run(model, seed0: int = 0):
             pair = degrade(sharp, task, rng=seed0 + 100 * i + t, noise=NOISE)
             blurry = pair.blurry
             results = {"blurry": blurry}
-            auto, info = demoe.deblur(blurry, model=model, return_info=True)
+            auto, info = demoe.deblur(blurry, model=model, return_info=True, tlc=tlc)
             results["demoe_auto"] = auto
             routed.append((task, info["task"]))
-            results["demoe_true_task"] = demoe.deblur(blurry, task=task, model=model)
+            results["demoe_true_task"] = demoe.deblur(blurry, task=task, model=model, tlc=tlc)
             if pair.psf is not None and pair.psf.size > 1:
                 results["richardson_lucy"] = deconvolve("richardson_lucy", blurry, pair.psf)
                 results["wiener"] = deconvolve("wiener", blurry, pair.psf)
@@ -200,12 +200,13 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="checkpoint (default: the packaged model)")
     parser.add_argument("--out", default="docs/benchmarks", help="folder for quality.md / quality.png / examples.png")
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--tlc", action="store_true", help="test-time local converter on (deblur(tlc=True))")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = demoe.load_model(args.model, device="cpu")
     t0 = time.time()
-    rows, routed, pictures = run(model)
+    rows, routed, pictures = run(model, tlc=args.tlc)
     clock = data.clock()
     clock_out = demoe.deblur(clock, model=model)
     elapsed = time.time() - t0
@@ -213,7 +214,7 @@ def main(argv=None):
     header = (f"# Quality benchmark\n\nModel: `{Path(getattr(model, 'source', 'default')).name}` "
               f"({model.config}, k={model.k_used}). Images: {', '.join(IMAGES)} (central {CROP} px crops), "
               f"each degraded by every task's generator (seed = 100*image + task) plus Gaussian noise "
-              f"sigma={NOISE}. Cells: PSNR (dB) / SSIM. Richardson-Lucy ({RL_ITERATIONS} iterations) and Wiener "
+              f"sigma={NOISE}{'; test-time local converter on' if args.tlc else ''}. Cells: PSNR (dB) / SSIM. Richardson-Lucy ({RL_ITERATIONS} iterations) and Wiener "
               f"(balance {WIENER_BALANCE}) get the true PSF and a reflect-padded image; n/a where the blur has no single PSF.\n\n"
               f"Command: `python benchmarks/quality.py`; {platform.machine()} CPU, "
               f"{time.strftime('%Y-%m-%d')}, {elapsed:.0f} s.\n\n")

@@ -299,3 +299,18 @@ def test_default_model_keeps_mean_on_gopro_blur(default_model):
     for task in (None, "synth_global_motion"):
         out = deblur(blurry, model=default_model, task=task)
         assert abs(out.mean() / blurry.mean() - 1) < 0.02
+
+
+def test_tlc_option(default_model, blurred_photo):
+    blurry, _ = blurred_photo
+    plain = deblur(blurry[:200, :200], model=default_model, task="defocus")
+    local = deblur(blurry[:200, :200], model=default_model, task="defocus", tlc=64)
+    assert local.shape == plain.shape and np.abs(local.astype(int) - plain.astype(int)).max() > 0
+    # The model is left in its published (global pooling) mode afterwards.
+    assert all(b.local_pool is None for b in default_model.modules() if hasattr(b, "local_pool"))
+    np.testing.assert_array_equal(deblur(blurry[:200, :200], model=default_model, task="defocus"), plain)
+    # A window covering the whole tile is the global pooling.
+    np.testing.assert_array_equal(
+        deblur(blurry[:200, :200], model=default_model, task="defocus", tlc=4096), plain)
+    with pytest.raises(ValueError, match="tlc must be"):
+        deblur(blurry[:20, :20], model=default_model, tlc=-3)

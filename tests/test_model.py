@@ -147,3 +147,16 @@ def test_fresh_model_is_near_identity_shape_and_trainable():
     assert out.shape == x.shape and logits.shape == (2, 5)
     (out.mean() + logits.mean()).backward()
     assert model.mlp_branch.classifier[6].weight.grad is not None
+
+
+@pytest.mark.parametrize("size", [1, 4, 7, 64, 192])
+def test_local_mean_is_a_replicate_padded_box_filter(size):
+    import torch.nn.functional as F
+
+    from demoe.model import local_mean
+
+    x = torch.rand(2, 5, 200, 230)
+    lo, hi = (size - 1) // 2, size // 2
+    ref = F.avg_pool2d(F.pad(x.double(), (lo, hi, lo, hi), mode="replicate"), size, stride=1)
+    torch.testing.assert_close(local_mean(x, size).double(), ref, atol=5e-5, rtol=0)
+    torch.testing.assert_close(local_mean(x, 500), x.mean(dim=(-2, -1), keepdim=True))  # bigger than the map: global

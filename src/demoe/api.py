@@ -193,6 +193,7 @@ def deblur(
     progress: bool | Callable[[int, int], None] = False,
     return_info: bool = False,
     preserve_mean: bool | None = None,
+    tlc: bool | int = False,
 ):
     """Deblur an image with DeMoE.
 
@@ -240,6 +241,12 @@ def deblur(
         ``low_light`` expert is used (its job is to change the exposure).
         Needed because the ``synth_global_motion`` expert, trained on frames
         averaged in linear light, darkens by 1-3 %. Not applied to dask input.
+    tlc : bool or int
+        Test-time local converter (Chu et al., 2022): the channel attention
+        averages over a local window instead of the whole tile. True uses 1.5x
+        the model's training patch (``metadata['patch_size']``, else 256); an
+        int sets the window in pixels. Off by default: it did not improve seams
+        or quality of the packaged model (see README).
 
     Returns
     -------
@@ -303,8 +310,16 @@ def deblur(
     if not is_dask:
         _check_finite(moved)
     lo, hi = intensity_range(moved, normalize)
+    if tlc is True:
+        window = int(1.5 * getattr(net, "metadata", {}).get("patch_size", 256))
+    elif tlc is False or tlc is None:
+        window = None
+    elif isinstance(tlc, (int, np.integer)) and tlc > 0:
+        window = int(tlc)
+    else:
+        raise ValueError(f"tlc must be True, False or a window size in pixels (> 0), got {tlc!r}")
     settings = dict(net=net, dev=dev, task=task, routing=routing, tile=tile, ovl=ovl, batch=batch, bgr=bgr,
-                    lo=lo, hi=hi, multiple=multiple, preserve_mean=preserve_mean)
+                    lo=lo, hi=hi, multiple=multiple, preserve_mean=preserve_mean, tlc_window=window)
 
     if is_dask:
         out, info = _deblur_dask(moved, settings)
@@ -369,6 +384,15 @@ def _tile_reader(plane: np.ndarray, chans: list[int], mode: str, s: dict):
 
 
 def _deblur_numpy(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Restore a ``(..., H, W, C)`` array; the network's pooling mode is set for the call only."""
+    s["net"].set_local_pooling(s["tlc_window"])
+    try:
+        return _deblur_planes(moved, s, progress, fixed_probs)
+    finally:
+        s["net"].set_local_pooling(None)
+
+
+def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray | None) -> tuple[np.ndarray, dict]:
     net, dev = s["net"], s["dev"]
     *lead, h, w, c = moved.shape
     planes = moved.reshape(-1, h, w, c)

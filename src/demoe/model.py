@@ -41,8 +41,33 @@ class SimpleGate(nn.Module):
         return a * b
 
 
+def local_mean(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean over a ``size`` x ``size`` window around every pixel (edges replicated).
+
+    Integral images make it O(1) per pixel whatever the window. When the map
+    is no bigger than the window, this is the global mean, as in training.
+    """
+    h, w = x.shape[-2:]
+    if size >= h and size >= w:
+        return x.mean(dim=(-2, -1), keepdim=True)
+    kh, kw = min(size, h), min(size, w)
+    dtype = x.dtype
+    x = F.pad(x.float(), ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2), mode="replicate")
+    # Centre each channel first: the running sums stay small, so float32 is exact enough.
+    centre = x.mean(dim=(-2, -1), keepdim=True)
+    s = F.pad((x - centre).cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+    box = s[..., kh:, kw:] - s[..., :-kh, kw:] - s[..., kh:, :-kw] + s[..., :-kh, :-kw]
+    return (box / (kh * kw) + centre).to(dtype)
+
+
 class NAFBlock(nn.Module):
-    """The NAFNet block (Chen et al., 2022) on ``c`` channels."""
+    """The NAFNet block (Chen et al., 2022) on ``c`` channels.
+
+    ``local_pool`` (None by default) switches the channel attention's global
+    average to a local window mean of that size: the test-time local converter
+    of Chu et al., 2022 ("Improving Image Restoration by Revisiting Global
+    Information Aggregation"), see :meth:`DeMoE.set_local_pooling`.
+    """
 
     def __init__(self, c: int):
         super().__init__()
@@ -59,10 +84,14 @@ class NAFBlock(nn.Module):
         # Zero residual scales: a fresh block is the identity.
         self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
         self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.local_pool: int | None = None
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         t = self.gate(self.conv2(self.conv1(self.norm1(u))))
-        t = t * self.sca(t)
+        if self.local_pool is None:
+            t = t * self.sca(t)
+        else:
+            t = t * self.sca[1](local_mean(t, self.local_pool))
         y = u + self.conv3(t) * self.beta
         z = self.gate(self.conv4(self.norm2(y)))
         return y + self.conv5(z) * self.gamma
@@ -216,6 +245,28 @@ class DeMoE(nn.Module):
             self.decoders.append(NAFStage(ch, n))
             self.experts.append(MoEBlock(ch, num_exp))
         self.ending = nn.Conv2d(width, img_channel, 3, padding=1)
+
+    # -- test-time local converter -----------------------------------------
+    def set_local_pooling(self, window: int | None) -> None:
+        """Channel attention over a local window instead of the whole input.
+
+        ``window`` is in input pixels (TLC uses 1.5x the training patch); each
+        level gets it divided by its downsampling factor. None restores the
+        published global pooling.
+        """
+        levels = len(self.encoders)
+
+        def assign(stage_blocks, factor):
+            for block in stage_blocks:
+                block.local_pool = None if window is None else max(1, round(window / factor))
+
+        for i, stage in enumerate(self.encoders):
+            assign(stage.modules_list, 2**i)
+        assign(self.middle_blks.modules_list, 2**levels)
+        assign(self.experts[0].experts, 2**levels)
+        for i, stage in enumerate(self.decoders):
+            assign(stage.modules_list, 2 ** (levels - 1 - i))
+            assign(self.experts[i + 1].experts, 2 ** (levels - 1 - i))
 
     # -- routing ----------------------------------------------------------
     def task_index(self, task: str | None) -> int | None:
