@@ -314,3 +314,12 @@ def test_tlc_option(default_model, blurred_photo):
         deblur(blurry[:200, :200], model=default_model, task="defocus", tlc=4096), plain)
     with pytest.raises(ValueError, match="tlc must be"):
         deblur(blurry[:20, :20], model=default_model, tlc=-3)
+
+
+def test_tile_defaults_follow_device_and_training_patch(identity_model):
+    img = np.zeros((40, 40), np.float32)
+    _, info = deblur(img, model=identity_model, device="cpu", return_info=True)
+    assert (info["tile_size"], info["overlap"]) == (256, 32)
+    identity_model.metadata = {"patch_size": 192}
+    _, info = deblur(img, model=identity_model, device="cpu", return_info=True)
+    assert (info["tile_size"], info["overlap"]) == (384, 48)

@@ -213,8 +213,10 @@ def deblur(
         Axis holding colour channels. Default: the last axis when ``image.ndim
         >= 3`` and it has 3 or 4 entries, otherwise no channel axis.
     tile_size, overlap : int, optional
-        Tiles (pixels) fed to the network and their overlap. Default: 256/32 on
-        CPU, 512/64 on GPU. ``overlap`` must be under half a tile.
+        Tiles (pixels) fed to the network and their overlap. Default tile: 256
+        on CPU, 512 on GPU, and at least twice the model's training patch
+        (``metadata['patch_size']``); default overlap: tile / 8. ``overlap``
+        must be under half a tile.
     routing : {'image', 'tile'}
         'image': one routing for the whole image, estimated from its most
         textured tiles (no expert switch can show as a seam); 'tile': every
@@ -296,7 +298,11 @@ def deblur(
         raise TypeError(f"model must be a DeMoE, a checkpoint path or None, got {type(model).__name__}")
     multiple = net.padder_size
     _check_sizes(tile_size, overlap, batch_size, multiple)
-    tile = int(tile_size) if tile_size is not None else DEFAULT_TILE.get(dev.type, 256)
+    if tile_size is not None:
+        tile = int(tile_size)
+    else:  # the device's best size, but at least twice the patches the model was trained on
+        patch = int(getattr(net, "metadata", {}).get("patch_size", 0) or 0)
+        tile = max(DEFAULT_TILE.get(dev.type, 256), 2 * patch)
     tile = -(-tile // multiple) * multiple
     ovl = int(overlap) if overlap is not None else tile // 8
     if 2 * ovl >= tile:
