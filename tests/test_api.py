@@ -152,8 +152,10 @@ def test_info_reports_routing(tiny_model):
 
 def test_tile_routing_runs(tiny_model):
     img = np.random.default_rng(0).random((60, 60, 3)).astype(np.float32)
-    a = deblur(img, model=tiny_model, routing="tile", tile_size=32, overlap=8, device="cpu")
+    a, info = deblur(img, model=tiny_model, routing="tile", tile_size=32, overlap=8, device="cpu", return_info=True)
     assert a.shape == img.shape and np.isfinite(a).all()
+    assert abs(sum(info["probabilities"].values()) - 1) < 1e-5  # mean of the tiles' own routings
+    assert info["task"] in TASKS and not info["forced"]
 
 
 def test_cuda_oom_halves_the_batch(identity_model, monkeypatch):

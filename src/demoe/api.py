@@ -59,7 +59,7 @@ def _resolve_channel_axis(shape, channel_axis) -> int | None:
     if not isinstance(channel_axis, (int, np.integer)) or not -len(shape) <= channel_axis < len(shape):
         raise ValueError(f"channel_axis={channel_axis!r} is out of range for an image of {len(shape)} dimensions {tuple(shape)}")
     axis = int(channel_axis) % len(shape)
-    if len(shape) - (axis == len(shape) - 1) < 2 or (len(shape) == 2):
+    if len(shape) < 3:  # a channel axis needs two spatial axes beside it
         raise ValueError(f"channel_axis={channel_axis} leaves fewer than 2 spatial axes in shape {tuple(shape)}")
     return axis
 
@@ -120,11 +120,17 @@ def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 # -- the network on tiles ------------------------------------------------------------------
 class _Runner:
-    """Runs the model on float32 tile batches; halves the batch on CUDA out-of-memory."""
+    """Runs the model on float32 tile batches; halves the batch on CUDA out-of-memory.
 
-    def __init__(self, model: DeMoE, device: torch.device, task: str | None, weights: torch.Tensor | None):
+    With neither a task nor fixed weights every tile is routed on its own, and
+    its routing probabilities are appended to ``record``.
+    """
+
+    def __init__(self, model: DeMoE, device: torch.device, task: str | None, weights: torch.Tensor | None,
+                 record: list | None = None):
         self.model, self.device, self.task, self.weights = model, device, task, weights
         self.half = device.type == "cuda"
+        self.record = record if task is None and weights is None else None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         start = 0
@@ -148,7 +154,11 @@ class _Runner:
         x = torch.from_numpy(chunk).to(self.device)
         w = None if self.weights is None else self.weights.expand(len(chunk), -1)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.half):
-            y = self.model(x, task=self.task, weights=w)
+            if self.record is None:
+                y = self.model(x, task=self.task, weights=w)
+            else:
+                y, logits = self.model(x, return_logits=True)
+                self.record.extend(logits.float().softmax(dim=1).cpu().numpy())
         return y.float().cpu().numpy()
 
 
@@ -428,9 +438,7 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
                 probs = fixed_probs if fixed_probs is not None else _route_image(net, dev, read, h, w, s["tile"], s["multiple"])
                 weights = torch.from_numpy(np.asarray(probs)).float().to(dev)[None]
                 probs_all.append(probs)
-            runner = _Runner(net, dev, s["task"], weights)
-            if s["task"] is None and s["routing"] == "tile":
-                runner = _TileRouteRecorder(runner, probs_all)
+            runner = _Runner(net, dev, s["task"], weights, record=probs_all)
             tiling.stitch(read, runner, write, h, w, tile=s["tile"], overlap=s["ovl"], multiple=s["multiple"],
                           batch_size=s["batch"], progress=report)
             used = s["task"] or (TASKS[int(np.argmax(np.mean(probs_all[first:], axis=0)))]
@@ -438,24 +446,11 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
             keep = s["preserve_mean"] if s["preserve_mean"] is not None else used != "low_light"
             if keep:
                 _match_mean(out[p], plane, chans)
-    if hasattr(report, "close"):
+    if report is not None:
         report.close()
     info = _routing_info(s["task"], probs_all, net)
     info["tiles"] = total
     return out.reshape(moved.shape), info
-
-
-class _TileRouteRecorder:
-    """Per-tile routing: runs auto mode and records each tile's probabilities."""
-
-    def __init__(self, runner: _Runner, sink: list):
-        self.runner, self.sink = runner, sink
-
-    def __call__(self, batch):
-        with torch.inference_mode():
-            x = torch.from_numpy(batch).to(self.runner.device)
-            self.sink.extend(self.runner.model.route(x).float().cpu().numpy())
-        return self.runner(batch)
 
 
 def _routing_info(task, probs_all, net) -> dict:
@@ -476,15 +471,17 @@ def _routing_info(task, probs_all, net) -> dict:
             "forced": task is not None}
 
 
-class _progress:
-    """Turns per-batch tile counts into (done, total) callbacks or a tqdm bar."""
+def _progress(progress, total: int):
+    """None, or a reporter that turns per-batch tile counts into callbacks or a bar."""
+    if progress is False or progress is None:
+        return None
+    return _Progress(progress, total)
 
-    def __new__(cls, progress, total):
-        if progress is False or progress is None:
-            return None
-        return super().__new__(cls)
 
-    def __init__(self, progress, total):
+class _Progress:
+    """Turns per-batch tile counts into ``(done, total)`` callbacks or a tqdm bar."""
+
+    def __init__(self, progress, total: int):
         self.total, self.done = total, 0
         self.callback = progress if callable(progress) else None
         self.bar = None
