@@ -325,3 +325,16 @@ def test_tile_defaults_follow_device_and_training_patch(identity_model):
     identity_model.metadata = {"patch_size": 192}
     _, info = deblur(img, model=identity_model, device="cpu", return_info=True)
     assert (info["tile_size"], info["overlap"]) == (384, 48)
+
+
+def test_dask_chunks_get_no_separate_mean_shifts():
+    da = pytest.importorskip("dask.array")
+    dark = demoe.DeMoE(width=4, middle_blk_num=0, enc_blk_nums=[1], dec_blk_nums=[1]).eval()
+    with torch.no_grad():  # a pointwise "expert" that darkens by 0.1
+        dark.ending.weight.zero_()
+        dark.ending.bias.fill_(-0.1)
+    img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    img[:32] //= 4  # chunks with very different means: per-chunk shifts would differ
+    lazy = deblur(da.from_array(img, chunks=(32, 32, 3)), model=dark, task="defocus", device="cpu").compute()
+    plain = deblur(img, model=dark, task="defocus", device="cpu", preserve_mean=False)
+    np.testing.assert_array_equal(lazy, plain)

@@ -308,10 +308,10 @@ def deblur(
         raise TypeError(f"model must be a DeMoE, a checkpoint path or None, got {type(model).__name__}")
     multiple = net.padder_size
     _check_sizes(tile_size, overlap, batch_size, multiple)
+    patch = int(getattr(net, "metadata", {}).get("patch_size", 0) or 0)  # training patch, if recorded
     if tile_size is not None:
         tile = int(tile_size)
     else:  # the device's best size, but at least twice the patches the model was trained on
-        patch = int(getattr(net, "metadata", {}).get("patch_size", 0) or 0)
         tile = max(DEFAULT_TILE.get(dev.type, 256), 2 * patch)
     tile = -(-tile // multiple) * multiple
     ovl = int(overlap) if overlap is not None else tile // 8
@@ -327,7 +327,7 @@ def deblur(
         _check_finite(moved)
     lo, hi = intensity_range(moved, normalize)
     if tlc is True:
-        window = int(1.5 * getattr(net, "metadata", {}).get("patch_size", 256))
+        window = int(1.5 * (patch or 256))
     elif tlc is False or tlc is None:
         window = None
     elif isinstance(tlc, (int, np.integer)) and tlc > 0:
@@ -441,8 +441,7 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
             runner = _Runner(net, dev, s["task"], weights, record=probs_all)
             tiling.stitch(read, runner, write, h, w, tile=s["tile"], overlap=s["ovl"], multiple=s["multiple"],
                           batch_size=s["batch"], progress=report)
-            used = s["task"] or (TASKS[int(np.argmax(np.mean(probs_all[first:], axis=0)))]
-                                 if len(probs_all) > first else None)
+            used = _routing_info(s["task"], probs_all[first:], net)["task"]
             keep = s["preserve_mean"] if s["preserve_mean"] is not None else used != "low_light"
             if keep:
                 _match_mean(out[p], plane, chans)
@@ -456,17 +455,12 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
 def _routing_info(task, probs_all, net) -> dict:
     names = TASKS[: net.num_exp]
     if task is not None:
-        probs = np.eye(net.num_exp)[TASKS.index(task)]
+        probs, used = np.eye(net.num_exp)[TASKS.index(task)], task
     elif probs_all:
         probs = np.mean(probs_all, axis=0)
+        used = names[int(np.argmax(probs))]
     else:
-        probs = np.full(net.num_exp, np.nan)
-    if task is not None:
-        used = task
-    elif np.isfinite(probs).any():
-        used = names[int(np.nanargmax(probs))]
-    else:
-        used = None
+        probs, used = np.full(net.num_exp, np.nan), None
     return {"probabilities": {n: float(p) for n, p in zip(names, probs)}, "task": used,
             "forced": task is not None}
 
@@ -524,9 +518,12 @@ def _deblur_dask(moved, s: dict):
     depth[moved.ndim - 3] = min(margin, h)  # dask refuses a depth beyond the array
     depth[moved.ndim - 2] = min(margin, w)
 
+    # Mean matching needs the whole plane; per chunk it could leave steps at chunk borders.
+    block_settings = {**s, "preserve_mean": False}
+
     def block_fn(block):
         _check_finite(block)
-        return _deblur_numpy(block, s, False, fixed_probs=probs)[0]
+        return _deblur_numpy(block, block_settings, False, fixed_probs=probs)[0]
 
     out = moved.map_overlap(block_fn, depth=depth, boundary="reflect", dtype=moved.dtype)
     return out, info

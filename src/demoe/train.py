@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_model, model_from_state_dict, read_checkpoint, resolve_device, save_model
+from .checkpoint import model_from_state_dict, read_checkpoint, resolve_device, save_model
 from .model import TASKS, DeMoE
 
 
@@ -98,11 +98,12 @@ def batch_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float((-10 * torch.log10(mse + 1e-10)).mean())
 
 
-def build_model(cfg: TrainConfig) -> DeMoE:
+def build_model(cfg: TrainConfig) -> tuple[DeMoE, dict]:
+    """The model to train and the metadata of the checkpoint it starts from (if any)."""
     if cfg.init:
         state_dict, metadata = read_checkpoint(cfg.init)
-        return model_from_state_dict(state_dict, top_k=cfg.top_k, metadata={}, origin=cfg.init)
-    return DeMoE(3, cfg.width, cfg.middle_blk_num, cfg.enc_blk_nums, cfg.dec_blk_nums, cfg.num_exp, cfg.top_k)
+        return model_from_state_dict(state_dict, top_k=cfg.top_k, metadata={}, origin=cfg.init), metadata
+    return DeMoE(3, cfg.width, cfg.middle_blk_num, cfg.enc_blk_nums, cfg.dec_blk_nums, cfg.num_exp, cfg.top_k), {}
 
 
 def build_data(cfg: TrainConfig):
@@ -148,7 +149,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "last.pt"
 
-    model = build_model(cfg).to(device)
+    model, init_meta = build_model(cfg)
+    model = model.to(device)
     if cfg.freeze_encoder:
         for name, p in model.named_parameters():
             if name.startswith(("intro.", "encoders.", "downs.", "middle_blks.")):
@@ -184,7 +186,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     if cfg.init and "init" not in record:
         # Keep the history of the weights we start from (a fine-tune's full record).
-        _, init_meta = read_checkpoint(cfg.init)
         record["init"] = {"source": Path(cfg.init).name, "training": init_meta.get("training")}
     session = {"start_step": step, "hardware": hardware(), "device": str(device),
                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
