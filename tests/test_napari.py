@@ -205,3 +205,8 @@ def test_result_layer_kwargs_preview_drops_leading_axes(make_napari_viewer):
     layer = viewer.add_image(np.zeros((3, 10, 12)), scale=(2, 0.5, 0.25))
     kw = result_layer_kwargs(layer, DeblurSettings(plane=(1,)), {"seconds": 1.0})
     assert kw["name"] == "Image deblurred (preview)" and kw["scale"] == (0.5, 0.25)
+
+
+def test_device_choices_listed(make_napari_viewer, use_model):
+    widget = DeblurWidget(make_napari_viewer())
+    assert widget.device.choices[0] == "auto" and "cpu" in widget.device.choices

@@ -9,6 +9,7 @@ napari starts.
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -179,7 +180,12 @@ class DeblurWidget(Container):
             w.visible = on
 
     def _find_devices(self):
-        """List the devices in the background (this imports torch, off the GUI thread)."""
+        """List the devices; in the background when that means importing torch."""
+        if "torch" in sys.modules:  # already loaded: instant, no thread needed
+            from demoe import available_devices
+
+            self.device.choices = ["auto", *available_devices()]
+            return
         from napari.qt.threading import create_worker
 
         def find():
