@@ -102,6 +102,7 @@ def test_channel_axis_first_and_none(identity_model):
         (np.zeros((4, 4)), {"batch_size": 0}, ValueError, "batch_size must be a positive"),
         (np.zeros((4, 4)), {"routing": "pixel"}, ValueError, "routing must be"),
         (np.zeros((4, 4)), {"normalize": "zscore"}, ValueError, "normalize must be"),
+        (np.zeros((4, 4)), {"precision": "int8"}, ValueError, "precision must be one of auto, fp32"),
     ],
 )
 def test_bad_input_clear_errors(identity_model, image, kwargs, err, match):
@@ -338,3 +339,14 @@ def test_dask_chunks_get_no_separate_mean_shifts():
     lazy = deblur(da.from_array(img, chunks=(32, 32, 3)), model=dark, task="defocus", device="cpu").compute()
     plain = deblur(img, model=dark, task="defocus", device="cpu", preserve_mean=False)
     np.testing.assert_array_equal(lazy, plain)
+
+
+def test_reduced_precision_stays_close(default_model, blurred_photo):
+    blurry, _ = blurred_photo
+    crop = blurry[:96, :128]
+    ref, info = deblur(crop, model=default_model, task="defocus", device="cpu", return_info=True)
+    assert info["precision"] == "fp32"  # the CPU default
+    low, info = deblur(crop, model=default_model, task="defocus", device="cpu", precision="bf16", return_info=True)
+    assert info["precision"] == "bf16"
+    diff = np.abs(low.astype(int) - ref.astype(int))
+    assert 0 < diff.max() <= 8 and diff.mean() < 1.0  # really bf16, and still the same picture

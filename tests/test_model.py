@@ -1,3 +1,5 @@
+import copy
+
 import json
 
 import numpy as np
@@ -160,3 +162,18 @@ def test_local_mean_is_a_replicate_padded_box_filter(size):
     ref = F.avg_pool2d(F.pad(x.double(), (lo, hi, lo, hi), mode="replicate"), size, stride=1)
     torch.testing.assert_close(local_mean(x, size).double(), ref, atol=5e-5, rtol=0)
     torch.testing.assert_close(local_mean(x, 500), x.mean(dim=(-2, -1), keepdim=True))  # bigger than the map: global
+
+
+def test_conformance_channels_last(published):
+    # Channels-last memory (with the fused layer norm) computes the same network.
+    model, _, expected = published
+    x = torch.from_numpy(expected["input"]).contiguous(memory_format=torch.channels_last)
+    model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    seen = []  # the fused path runs: layer norms receive channels-last tensors
+    norm = model.encoders[0].modules_list[0].norm1
+    norm.register_forward_hook(lambda m, inp, out: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        out = model(x)
+        assert seen and all(seen)
+        np.testing.assert_allclose(out.numpy(), expected["output_auto"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(model(x, task="defocus").numpy(), expected["output_defocus"], atol=1e-5, rtol=0)

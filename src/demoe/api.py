@@ -20,6 +20,9 @@ _AUTO = "auto"
 PERCENTILES = (0.1, 99.9)
 #: Default tiles: big enough for the blur, small enough for the CPU cache (see benchmarks/).
 DEFAULT_TILE = {"cpu": 256, "mps": 512, "cuda": 512}
+#: Computation precision per device for ``precision="auto"`` (see benchmarks/inference_options.py).
+AUTO_PRECISION = {"cuda": "fp16"}
+_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: Tiles used to estimate one routing for a whole image.
 ROUTING_TILES = 8
 
@@ -127,9 +130,9 @@ class _Runner:
     """
 
     def __init__(self, model: DeMoE, device: torch.device, task: str | None, weights: torch.Tensor | None,
-                 record: list | None = None):
+                 record: list | None = None, precision: str = "fp32"):
         self.model, self.device, self.task, self.weights = model, device, task, weights
-        self.half = device.type == "cuda"
+        self.autocast = _DTYPES[precision]  # None: plain float32
         self.record = record if task is None and weights is None else None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -153,7 +156,7 @@ class _Runner:
     def _run(self, chunk: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(chunk).to(self.device)
         w = None if self.weights is None else self.weights.expand(len(chunk), -1)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.half):
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             if self.record is None:
                 y = self.model(x, task=self.task, weights=w)
             else:
@@ -204,6 +207,7 @@ def deblur(
     return_info: bool = False,
     preserve_mean: bool | None = None,
     tlc: bool | int = False,
+    precision: str = "auto",
 ):
     """Deblur an image with DeMoE.
 
@@ -236,7 +240,7 @@ def deblur(
         (uint16, other integers, other floats) by its 0.1 / 99.9 percentiles;
         the result is mapped back by the exact inverse.
     device : str, optional
-        None -> cuda, else mps, else cpu. Half precision on CUDA.
+        None -> cuda, else mps, else cpu.
     batch_size : int, optional
         Tiles per network call (default 4 on CPU, 16 on GPU).
     bgr : bool
@@ -259,6 +263,10 @@ def deblur(
         the model's training patch (``metadata['patch_size']``, else 256); an
         int sets the window in pixels. Off by default: it did not improve seams
         or quality of the packaged model (see README).
+    precision : {'auto', 'fp32', 'fp16', 'bf16'}
+        Arithmetic of the network (autocast). 'auto': fp16 on CUDA, fp32
+        elsewhere (bf16 and fp16 were slower on the CPUs measured; see
+        docs/benchmarks/inference_options.md).
 
     Returns
     -------
@@ -295,6 +303,8 @@ def deblur(
         raise ValueError(f"unknown task {task!r}; valid tasks are: auto, {', '.join(TASKS)}")
     if routing not in ("image", "tile"):
         raise ValueError(f"routing must be 'image' or 'tile', got {routing!r}")
+    if precision != _AUTO and precision not in _DTYPES:
+        raise ValueError(f"precision must be one of auto, {', '.join(_DTYPES)}; got {precision!r}")
     axis = _resolve_channel_axis(arr.shape, channel_axis)
 
     dev = resolve_device(device)
@@ -334,8 +344,11 @@ def deblur(
         window = int(tlc)
     else:
         raise ValueError(f"tlc must be True, False or a window size in pixels (> 0), got {tlc!r}")
+    if precision == _AUTO:
+        precision = AUTO_PRECISION.get(dev.type, "fp32")
     settings = dict(net=net, dev=dev, task=task, routing=routing, tile=tile, ovl=ovl, batch=batch, bgr=bgr,
-                    lo=lo, hi=hi, multiple=multiple, preserve_mean=preserve_mean, tlc_window=window)
+                    lo=lo, hi=hi, multiple=multiple, preserve_mean=preserve_mean, tlc_window=window,
+                    precision=precision)
 
     if is_dask:
         out, info = _deblur_dask(moved, settings)
@@ -345,7 +358,7 @@ def deblur(
         out = out[..., 0]
     else:
         out = _moveaxis(out, -1, axis)
-    info.update(device=str(dev), tile_size=tile, overlap=ovl, normalization=(lo, hi), seconds=time.perf_counter() - t0)
+    info.update(device=str(dev), precision=precision, tile_size=tile, overlap=ovl, normalization=(lo, hi), seconds=time.perf_counter() - t0)
     return (out, info) if return_info else out
 
 
@@ -381,6 +394,23 @@ def _match_mean(out: np.ndarray, src: np.ndarray, chans: list[int], rows: int = 
         out[y : y + rows, :, chans] = _to_dtype(block, out.dtype)
 
 
+def _as_slice(idx: np.ndarray) -> slice | None:
+    """``idx`` as a slice when it is a run of consecutive indices, else None."""
+    if idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return None
+
+
+def _crop(plane: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``plane[rows][:, cols]``; interior tiles are sliced, only border tiles gather reflected indices."""
+    rs, cs = _as_slice(rows), _as_slice(cols)
+    if rs is not None:
+        return plane[rs, cs] if cs is not None else plane[rs][:, cols]
+    if cs is not None:
+        return plane[:, cs][rows]
+    return plane[rows[:, None], cols[None, :]]
+
+
 def _tile_reader(plane: np.ndarray, chans: list[int], mode: str, s: dict):
     """``read(rows, cols)`` for the tiler: the ``(C, h, w)`` network input at those indices.
 
@@ -392,7 +422,7 @@ def _tile_reader(plane: np.ndarray, chans: list[int], mode: str, s: dict):
     replicate = mode == "gray" and s["net"].img_channel == 3
 
     def read(rows, cols):
-        t = (plane[rows[:, None], cols[None, :]][..., chans].astype(np.float32) - lo) * scale
+        t = (_crop(plane, rows, cols)[..., chans].astype(np.float32) - lo) * scale
         t = t.transpose(2, 0, 1)
         return np.repeat(t, 3, axis=0) if replicate else t
 
@@ -438,7 +468,7 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
                 probs = fixed_probs if fixed_probs is not None else _route_image(net, dev, read, h, w, s["tile"], s["multiple"])
                 weights = torch.from_numpy(np.asarray(probs)).float().to(dev)[None]
                 probs_all.append(probs)
-            runner = _Runner(net, dev, s["task"], weights, record=probs_all)
+            runner = _Runner(net, dev, s["task"], weights, record=probs_all, precision=s["precision"])
             tiling.stitch(read, runner, write, h, w, tile=s["tile"], overlap=s["ovl"], multiple=s["multiple"],
                           batch_size=s["batch"], progress=report)
             used = _routing_info(s["task"], probs_all[first:], net)["task"]

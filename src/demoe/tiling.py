@@ -125,7 +125,7 @@ def stitch(
     """
     ay = plan_axis(height, tile, overlap, multiple)
     ax = plan_axis(width, tile, overlap, multiple)
-    wy, wx = window_1d(ay), window_1d(ax)
+    window = window_1d(ay)[:, None] * window_1d(ax)[None, :]  # raised cosine, partition of unity
     vwidth = ax.count * ax.stride + ax.overlap  # virtual columns [-overlap, vwidth - overlap)
     cols = [reflect_index(np.arange(ax.start(j), ax.start(j) + ax.tile), width) for j in range(ax.count)]
 
@@ -144,7 +144,7 @@ def stitch(
                     band[:, : carry.shape[1]] += carry
             for k, j in enumerate(js):
                 x0 = j * ax.stride
-                band[:, :, x0 : x0 + ax.tile] += out[k] * wy[:, None] * wx[None, :]
+                band[:, :, x0 : x0 + ax.tile] += out[k] * window
             if progress is not None:
                 progress(len(js))
         # Rows [y0, y0 + stride) get no more contributions; the rest is carried on.
