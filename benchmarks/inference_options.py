@@ -94,19 +94,19 @@ def main(argv=None):
         return call
 
     candidates = {
-        "reference: fp32, batch 4, inference_mode": lambda: run_batches(model, x, 4),
-        "batch 1": lambda: run_batches(model, x, 1),
+        "reference: fp32, batch 1, inference_mode": lambda: run_batches(model, x, 1),
         "batch 2": lambda: run_batches(model, x, 2),
+        "batch 4": lambda: run_batches(model, x, 4),
         "batch 8": lambda: run_batches(model, x, 8),
-        "no_grad instead of inference_mode": lambda: run_batches(model, x, 4, grad_mode="no_grad"),
-        "channels-last + fused layer norm": lambda: run_batches(model_cl, x, 4, channels_last=True),
-        "bfloat16 autocast": lambda: run_batches(model, x, 4, autocast="bf16"),
-        "1 torch thread": with_threads(1, lambda: run_batches(model, x, 4)),
-        "2 tile streams x 1 thread": with_threads(1, lambda: run_two_streams(model, x, 2)),
+        "no_grad instead of inference_mode": lambda: run_batches(model, x, 1, grad_mode="no_grad"),
+        "channels-last + fused layer norm": lambda: run_batches(model_cl, x, 1, channels_last=True),
+        "bfloat16 autocast": lambda: run_batches(model, x, 1, autocast="bf16"),
+        "1 torch thread": with_threads(1, lambda: run_batches(model, x, 1)),
+        "2 tile streams x 1 thread": with_threads(1, lambda: run_two_streams(model, x, 1)),
     }
     if args.compile:
         compiled = torch.compile(model)
-        candidates["torch.compile"] = lambda: run_batches(compiled, x, 4)
+        candidates["torch.compile"] = lambda: run_batches(compiled, x, 1)
 
     reference = None
     times = {name: [] for name in candidates}

@@ -172,7 +172,7 @@ def test_cuda_oom_halves_the_batch(identity_model, monkeypatch):
         return original(self, chunk)
 
     monkeypatch.setattr(api._Runner, "_run", flaky)
-    img = np.random.default_rng(0).random((40, 40)).astype(np.float32)
+    img = np.random.default_rng(0).random((40, 64)).astype(np.float32)  # rows of 5 tiles: batches of 4
     with pytest.warns(RuntimeWarning, match="out of memory"):
         out = deblur(img, model=identity_model, tile_size=16, overlap=4, batch_size=4, device="cpu")
     np.testing.assert_allclose(out, img, atol=1e-5)
@@ -306,12 +306,13 @@ def test_default_model_keeps_mean_on_gopro_blur(default_model):
 
 def test_tlc_option(default_model, blurred_photo):
     blurry, _ = blurred_photo
-    plain = deblur(blurry[:200, :200], model=default_model, task="defocus")
+    plain = deblur(blurry[:200, :200], model=default_model, task="defocus", tlc=False)
     local = deblur(blurry[:200, :200], model=default_model, task="defocus", tlc=64)
     assert local.shape == plain.shape and np.abs(local.astype(int) - plain.astype(int)).max() > 0
+    np.testing.assert_array_equal(deblur(blurry[:200, :200], model=default_model, task="defocus"), plain)  # off
     # The model is left in its published (global pooling) mode afterwards.
     assert all(b.local_pool is None for b in default_model.modules() if hasattr(b, "local_pool"))
-    np.testing.assert_array_equal(deblur(blurry[:200, :200], model=default_model, task="defocus"), plain)
+    np.testing.assert_array_equal(deblur(blurry[:200, :200], model=default_model, task="defocus", tlc=False), plain)
     # A window covering the whole tile is the global pooling.
     np.testing.assert_array_equal(
         deblur(blurry[:200, :200], model=default_model, task="defocus", tlc=4096), plain)
@@ -322,7 +323,7 @@ def test_tlc_option(default_model, blurred_photo):
 def test_tile_defaults_follow_device_and_training_patch(identity_model):
     img = np.zeros((40, 40), np.float32)
     _, info = deblur(img, model=identity_model, device="cpu", return_info=True)
-    assert (info["tile_size"], info["overlap"]) == (256, 32)
+    assert (info["tile_size"], info["overlap"], info["batch_size"]) == (256, 32, 1)
     identity_model.metadata = {"patch_size": 192}
     _, info = deblur(img, model=identity_model, device="cpu", return_info=True)
     assert (info["tile_size"], info["overlap"]) == (384, 48)

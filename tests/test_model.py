@@ -177,3 +177,20 @@ def test_conformance_channels_last(published):
         assert seen and all(seen)
         np.testing.assert_allclose(out.numpy(), expected["output_auto"], atol=1e-5, rtol=0)
         np.testing.assert_allclose(model(x, task="defocus").numpy(), expected["output_defocus"], atol=1e-5, rtol=0)
+
+
+def test_coarse_local_mean_approximates_the_exact_one():
+    from demoe.model import local_mean, local_mean_coarse
+
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(320.0), indexing="ij")
+    # Structure at the window's scale, plus pixel noise the window averages away.
+    x = (torch.sin(yy / 40) * torch.cos(xx / 55) + xx / 320)[None, None].repeat(2, 3, 1, 1)
+    x = x + 0.2 * torch.rand_like(x)
+    exact, coarse = local_mean(x, 192), local_mean_coarse(x, 192)
+    spread = float(exact.max() - exact.min())
+    assert spread > 0.5  # the local means really vary over the map
+    error = (coarse - exact).abs()
+    assert float(error.mean()) < 0.015 * spread and float(error.max()) < 0.06 * spread
+    # Small windows are computed exactly; a window covering the map is the global mean.
+    torch.testing.assert_close(local_mean_coarse(x, 24), local_mean(x, 24))
+    torch.testing.assert_close(local_mean_coarse(x, 400), x.mean(dim=(-2, -1), keepdim=True))

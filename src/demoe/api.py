@@ -20,6 +20,9 @@ _AUTO = "auto"
 PERCENTILES = (0.1, 99.9)
 #: Default tiles: big enough for the blur, small enough for the CPU cache (see benchmarks/).
 DEFAULT_TILE = {"cpu": 256, "mps": 512, "cuda": 512}
+#: Default tiles per network call: one on CPU keeps the working set in cache (fastest
+#: there, benchmarks/efficiency.py); a GPU wants many.
+DEFAULT_BATCH = {"cpu": 1, "mps": 8, "cuda": 16}
 #: Computation precision per device for ``precision="auto"`` (see benchmarks/inference_options.py).
 AUTO_PRECISION = {"cuda": "fp16"}
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -242,7 +245,7 @@ def deblur(
     device : str, optional
         None -> cuda, else mps, else cpu.
     batch_size : int, optional
-        Tiles per network call (default 4 on CPU, 16 on GPU).
+        Tiles per network call (default 1 on CPU, 8 on MPS, 16 on CUDA).
     bgr : bool
         Colour channels are in BGR order (``cv2.imread``).
     progress : bool or callable
@@ -250,7 +253,7 @@ def deblur(
         every batch and may raise to cancel.
     return_info : bool
         Also return a dict: routing probabilities per task, the task used,
-        tiles, device, seconds.
+        tiles, device, precision, tile size, overlap, batch size, seconds.
     preserve_mean : bool, optional
         Shift every restored plane back to its input's mean intensity, so a
         deblur never re-exposes the data. Default: on, except when the
@@ -261,8 +264,9 @@ def deblur(
         Test-time local converter (Chu et al., 2022): the channel attention
         averages over a local window instead of the whole tile. True uses 1.5x
         the model's training patch (``metadata['patch_size']``, else 256); an
-        int sets the window in pixels. Off by default: it did not improve seams
-        or quality of the packaged model (see README).
+        int sets the window in pixels. Off by default: on the packaged model it
+        costs about 1.2x the time for no better grid-shift agreement and
+        +0.06 dB (see README, "Seams").
     precision : {'auto', 'fp32', 'fp16', 'bf16'}
         Arithmetic of the network (autocast). 'auto': fp16 on CUDA, fp32
         elsewhere (bf16 and fp16 were slower on the CPUs measured; see
@@ -327,7 +331,7 @@ def deblur(
     ovl = int(overlap) if overlap is not None else tile // 8
     if 2 * ovl >= tile:
         raise ValueError(f"overlap ({ovl}) must be less than half the tile size ({tile})")
-    batch = int(batch_size) if batch_size is not None else (4 if dev.type == "cpu" else 16)
+    batch = int(batch_size) if batch_size is not None else DEFAULT_BATCH.get(dev.type, 1)
 
     # Channels last, planes first: (P, H, W, C).
     moved = arr if axis is None else _moveaxis(arr, axis, -1)
@@ -358,7 +362,8 @@ def deblur(
         out = out[..., 0]
     else:
         out = _moveaxis(out, -1, axis)
-    info.update(device=str(dev), precision=precision, tile_size=tile, overlap=ovl, normalization=(lo, hi), seconds=time.perf_counter() - t0)
+    info.update(device=str(dev), precision=precision, tile_size=tile, overlap=ovl, batch_size=batch,
+                normalization=(lo, hi), seconds=time.perf_counter() - t0)
     return (out, info) if return_info else out
 
 
