@@ -182,7 +182,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mp", type=float, default=4.0, help="image size in megapixels")
     parser.add_argument("--bare-sizes", nargs="*", type=int, default=[128, 256, 384, 512])
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each timed path (the fastest counts)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each timed path (the fastest counts)")
     parser.add_argument("--out", default="docs/benchmarks/efficiency.md")
     args = parser.parse_args(argv)
     import torch

@@ -62,10 +62,9 @@ def test_tile_sizes_are_multiples_and_cover():
     for length in (1, 5, 63, 64, 65, 200, 1000):
         for tile, ovl in ((64, 16), (256, 32), (48, 0)):
             ax = plan_axis(length, tile, ovl, 16)
-            assert ax.tile % 16 == 0 and ax.tile <= tile
-            assert ax.extent >= length  # the tiles cover the image
-            assert ax.count == 1 or (ax.count - 1) * ax.stride + ovl < length  # and no wasted tile
-            assert ax.extent - length < 16 * ax.count  # only rounding to the multiple overhangs
+            assert ax.tile % 16 == 0 and ax.tile <= max(tile, 2 * ovl + 16)
+            assert ax.count * ax.stride - ovl >= length  # full-weight cover of the image
+            assert (ax.count - 1) * ax.stride - ovl < length  # and no wasted tile
 
 
 def test_progress_counts_every_tile():

@@ -5,14 +5,12 @@ Knows nothing about the network: it takes a function from a batch of tiles
 
 How it stays seam-free and small:
 
-* Neighbouring tiles overlap by ``overlap`` pixels and blend there with
-  raised-cosine ramps that sum to exactly one (a partition of unity): no weight
-  buffer, no division, and the stitch of an identity function is the input. The
-  image's own borders get no ramp: the first tile starts at pixel 0 and the last
-  one ends at (or just past) the far border, so no tile is spent on context
-  outside the image.
-* Pixels a last tile reaches beyond the image (its side is rounded up to the
-  network's size multiple) are read by reflection (``dcb|abcd|cba``), never zeros.
+* The tile grid starts ``overlap`` pixels before the image and ends at least
+  ``overlap`` after it, so every image pixel is covered by tiles whose
+  raised-cosine windows sum to exactly one (a partition of unity): no weight
+  buffer, no division, and the stitch of an identity function is the input.
+* Pixels outside the image are read by reflection (``dcb|abcd|cba``), never
+  zeros, so tiles at the border see plausible context.
 * Rows are finished band by band: once a row of tiles is done, the rows no
   later tile touches are handed to ``write`` and forgotten. Memory is one or
   two bands of float32 plus the batch, whatever the image height.
@@ -29,7 +27,7 @@ import numpy as np
 @dataclass(frozen=True)
 class Axis:
     """The tiling of one axis: ``count`` tiles of ``tile`` px, ``stride`` apart,
-    the first starting at pixel 0, the last ending at or past ``length``."""
+    the first starting at ``-overlap`` (virtual coordinates)."""
 
     length: int
     tile: int
@@ -41,35 +39,26 @@ class Axis:
         return self.tile - self.overlap
 
     def start(self, i: int) -> int:
-        return i * self.stride
-
-    @property
-    def extent(self) -> int:
-        """Pixels the tiles span, from 0 (at least ``length``)."""
-        return (self.count - 1) * self.stride + self.tile
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+        return -self.overlap + i * self.stride
 
 
 def plan_axis(length: int, tile: int, overlap: int, multiple: int = 1) -> Axis:
     """Fewest tiles (then the smallest tile, a multiple of ``multiple``) covering ``length``.
 
-    ``n`` tiles of stride ``s`` span ``(n - 1) * s + tile = n * s + overlap``
-    pixels, so we need ``n * s + overlap >= length``.
+    With ``n`` tiles of stride ``s`` the full-weight cover is ``[0, n*s - overlap)``,
+    so we need ``n*s - overlap >= length``.
     """
     if length < 1:
         raise ValueError(f"cannot tile an axis of length {length}")
     if tile % multiple or tile <= 2 * overlap:
         raise ValueError(f"tile ({tile}) must be a multiple of {multiple} and more than twice the overlap ({overlap})")
-    count = max(1, -(-(length - overlap) // (tile - overlap)))
-    if count == 1:  # one tile: the whole axis, rounded up to the size multiple
-        return Axis(length, min(tile, _round_up(length, multiple)), 0, 1)
-    # Shrink the tile as far as the same count allows; a tile keeps room for both ramps.
-    need = -(-(length - overlap) // count) + overlap
-    small = max(_round_up(need, multiple), _round_up(2 * overlap, multiple))
-    return Axis(length, min(tile, small), overlap, count)
+    stride = tile - overlap
+    count = -(-(length + overlap) // stride)
+    # Shrink the tile as far as the same count allows (small images, last row).
+    need = -(-(length + overlap) // count) + overlap  # smallest tile with count tiles
+    small = max(-(-need // multiple) * multiple, 2 * overlap + multiple)
+    tile = min(tile, small)
+    return Axis(length, tile, overlap, count)
 
 
 def ramp(overlap: int) -> np.ndarray:
@@ -78,15 +67,12 @@ def ramp(overlap: int) -> np.ndarray:
     return (0.5 - 0.5 * np.cos(np.pi * t)).astype(np.float32)
 
 
-def window_1d(axis: Axis, i: int) -> np.ndarray:
-    """Blending weights of tile ``i``: ramps towards its neighbours, flat at the image borders."""
+def window_1d(axis: Axis) -> np.ndarray:
     w = np.ones(axis.tile, np.float32)
     if axis.overlap:
         r = ramp(axis.overlap)
-        if i > 0:
-            w[: axis.overlap] = r
-        if i < axis.count - 1:
-            w[-axis.overlap :] = r[::-1]
+        w[: axis.overlap] = r
+        w[-axis.overlap :] = r[::-1]
     return w
 
 
@@ -139,31 +125,30 @@ def stitch(
     """
     ay = plan_axis(height, tile, overlap, multiple)
     ax = plan_axis(width, tile, overlap, multiple)
-    wx = [window_1d(ax, j) for j in range(ax.count)]
+    window = window_1d(ay)[:, None] * window_1d(ax)[None, :]  # raised cosine, partition of unity
+    vwidth = ax.count * ax.stride + ax.overlap  # virtual columns [-overlap, vwidth - overlap)
     cols = [reflect_index(np.arange(ax.start(j), ax.start(j) + ax.tile), width) for j in range(ax.count)]
 
     carry = None  # the last `overlap` rows of the previous band, already weighted
     for i in range(ay.count):
         y0 = ay.start(i)
         rows = reflect_index(np.arange(y0, y0 + ay.tile), height)
-        wy = window_1d(ay, i)[:, None]
         band = None
         for j0 in range(0, ax.count, batch_size):
             js = range(j0, min(j0 + batch_size, ax.count))
             batch = np.stack([read(rows, cols[j]) for j in js]).astype(np.float32, copy=False)
             out = np.asarray(fn(batch), dtype=np.float32)
             if band is None:
-                band = np.zeros((out.shape[1], ay.tile, ax.extent), np.float32)
+                band = np.zeros((out.shape[1], ay.tile, vwidth), np.float32)
                 if carry is not None:
                     band[:, : carry.shape[1]] += carry
             for k, j in enumerate(js):
-                x0 = ax.start(j)
-                band[:, :, x0 : x0 + ax.tile] += out[k] * (wy * wx[j][None, :])
+                x0 = j * ax.stride
+                band[:, :, x0 : x0 + ax.tile] += out[k] * window
             if progress is not None:
                 progress(len(js))
-        # Rows [y0, y0 + stride) get no more contributions (the last band: all of them).
-        last = i == ay.count - 1
-        hi = min(y0 + (ay.tile if last else ay.stride), height)
-        if hi > y0:
-            write(y0, hi, band[:, : hi - y0, :width])
-        carry = None if last or not ay.overlap else band[:, ay.stride :].copy()
+        # Rows [y0, y0 + stride) get no more contributions; the rest is carried on.
+        lo, hi = max(y0, 0), min(y0 + ay.stride, height)
+        if hi > lo:
+            write(lo, hi, band[:, lo - y0 : hi - y0, ax.overlap : ax.overlap + width])
+        carry = band[:, ay.stride :].copy() if ay.overlap else None
