@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -127,7 +128,8 @@ def main(argv=None):
     lines = [
         "# Inference options",
         "",
-        f"`python benchmarks/inference_options.py{' --compile' if args.compile else ''}`, {time.strftime('%Y-%m-%d')}, "
+        f"`python benchmarks/inference_options.py {' '.join(argv if argv is not None else sys.argv[1:])}`, "
+        f"{time.strftime('%Y-%m-%d')}, "
         f"{platform.machine()} CPU, {threads} threads, torch {torch.__version__}; packaged model, "
         f"{args.tiles} tiles of {args.size} px, median of {args.rounds} interleaved rounds.",
         "",

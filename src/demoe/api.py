@@ -269,8 +269,8 @@ def deblur(
         +0.06 dB (see README, "Seams").
     precision : {'auto', 'fp32', 'fp16', 'bf16'}
         Arithmetic of the network (autocast). 'auto': fp16 on CUDA, fp32
-        elsewhere (bf16 and fp16 were slower on the CPUs measured; see
-        docs/benchmarks/inference_options.md).
+        elsewhere: on a CPU without native bf16 (this project's AMD EPYC)
+        bf16 autocast ran 20x slower, see docs/benchmarks/inference_options.md.
 
     Returns
     -------
