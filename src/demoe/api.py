@@ -20,8 +20,8 @@ _AUTO = "auto"
 PERCENTILES = (0.1, 99.9)
 #: Default tiles: big enough for the blur, small enough for the CPU cache (see benchmarks/).
 DEFAULT_TILE = {"cpu": 256, "mps": 512, "cuda": 512}
-#: Default tiles per network call: one on CPU keeps the working set in cache (fastest
-#: there, benchmarks/efficiency.py); a GPU wants many.
+#: Default tiles per network call: one on CPU keeps the working set in cache (4 was
+#: 20-27 % slower there, benchmarks/batch_size.py); a GPU wants many.
 DEFAULT_BATCH = {"cpu": 1, "mps": 8, "cuda": 16}
 #: Computation precision per device for ``precision="auto"`` (see benchmarks/inference_options.py).
 AUTO_PRECISION = {"cuda": "fp16"}
