@@ -34,6 +34,9 @@ import sys
 import time
 from pathlib import Path
 
+from _report import save_report
+
+
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
@@ -272,10 +275,7 @@ def main(argv=None):
     if seams_monai:
         seam_line += f", MONAI {seams_monai['psnr']:.1f} dB"
     lines.append(seam_line + " (higher is more seam-free).")
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    save_report(lines, args.out)
     bars = [(f"bare forward, {r['size']} px tiles", r) for r in bare]
     bars += [("deblur() (default)", ours), ("deblur(tlc=True)", ours_tlc)]
     if monai_row:

@@ -22,7 +22,6 @@ import argparse
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from skimage import data
 
 import demoe
 from demoe.api import _DTYPES
+from _report import save_report
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -120,12 +120,7 @@ def main(argv=None):
             print(row, flush=True)
     lines.append("")
     lines.append(f"Total {(time.perf_counter() - t0) / 60:.1f} min.")
-    text = "\n".join(lines) + "\n"
-    out = args.out or ("docs/benchmarks/gpu.md" if device.type == "cuda" else None)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
-    print(text)
+    save_report(lines, args.out or ("docs/benchmarks/gpu.md" if device.type == "cuda" else None))
     return 0
 
 

@@ -22,13 +22,14 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
+
 
 import numpy as np
 import torch
 from skimage import data
 
 import demoe
+from _report import save_report
 
 
 def tiles(n: int, size: int) -> torch.Tensor:
@@ -139,10 +140,7 @@ def main(argv=None):
     for name in candidates:
         t = statistics.median(times[name])
         lines.append(f"| {name} | {mp / t:.3f} | {base / t:.2f}x | {errors[name]:.1e} |")
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    save_report(lines, args.out)
 
 
 if __name__ == "__main__":

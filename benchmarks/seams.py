@@ -7,7 +7,6 @@ local converter (TLC). Higher is more seam-free. ``python benchmarks/seams.py``
 """
 
 import numpy as np
-import torch
 from skimage import data
 
 import demoe

@@ -18,7 +18,9 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from _report import save_report
+
 
 CHILD = r"""
 import json, resource, sys, time
@@ -85,10 +87,7 @@ def main(argv=None):
     by_mp = {round(r["mp"]): r for r in rows}
     if 4 in by_mp and 64 in by_mp:
         lines.append(f"Time per MP, 64 MP vs 4 MP: {by_mp[64]['seconds'] / 64 / (by_mp[4]['seconds'] / 4):.2f}.")
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    save_report(lines, args.out)
 
 
 if __name__ == "__main__":
