@@ -170,3 +170,27 @@ def test_freeze_encoder_trains_only_decoder_experts_router(tmp_path):
     assert not torch.equal(before["ending.weight"], after["ending.weight"])
     assert not torch.equal(before["mlp_branch.classifier.6.weight"], after["mlp_branch.classifier.6.weight"])
     assert tuned.metadata["training"]["init"]["source"] == "init.safetensors"
+
+
+def test_router_only_trains_the_router_alone(tmp_path):
+    import pytest
+    import torch
+
+    from conftest import randomize
+    from demoe import DeMoE, load_model, save_model
+    from demoe.train import TrainConfig, train
+
+    start = randomize(DeMoE(width=4, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1]), seed=3)
+    init = save_model(start, tmp_path / "init.safetensors")
+    cfg = TrainConfig(init=str(init), router_only=True, patch=32, batch=2, workers=0, steps=2, warmup=1,
+                      out=str(tmp_path / "router"), lr=1e-2)
+    tuned = load_model(train(cfg, progress=False), device="cpu")
+    before, after = start.state_dict(), tuned.state_dict()
+    router = [k for k in before if k.startswith("mlp_branch.")]
+    rest = [k for k in before if not k.startswith("mlp_branch.")]
+    assert rest and all(torch.equal(before[k], after[k]) for k in rest)
+    assert not torch.equal(before["mlp_branch.classifier.6.weight"], after["mlp_branch.classifier.6.weight"])
+    assert router
+    with pytest.raises(ValueError, match="router_only needs --init"):
+        train(TrainConfig(router_only=True, patch=32, batch=2, workers=0, steps=1, out=str(tmp_path / "x")),
+              progress=False)

@@ -45,6 +45,7 @@ class TrainConfig:
     top_k: int = 1
     init: str | None = None  # checkpoint to fine-tune from (published format or ours)
     freeze_encoder: bool = False  # train only experts, router, decoder
+    router_only: bool = False  # train only the router (blur classifier), on cross-entropy alone
     # data
     photos: list[str] = field(default_factory=list)  # folders of sharp photographs
     pairs: list[str] = field(default_factory=list)  # "FOLDER:TASK" with blurry/ and sharp/
@@ -151,9 +152,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     model, init_meta = build_model(cfg)
     model = model.to(device)
-    if cfg.freeze_encoder:
+    if cfg.router_only and not cfg.init:
+        raise ValueError("router_only needs --init: a router alone cannot be trained on an untrained encoder")
+    if cfg.freeze_encoder or cfg.router_only:
+        trained = ("mlp_branch.",) if cfg.router_only else ("experts.", "mlp_branch.", "ups.", "decoders.", "ending.")
         for name, p in model.named_parameters():
-            if name.startswith(("intro.", "encoders.", "downs.", "middle_blks.")):
+            if not name.startswith(trained):
                 p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.9))
@@ -221,20 +225,27 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         blurry, sharp, label = (t.to(device, non_blocking=True) for t in (blurry, sharp, label))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        weights = F.one_hot(label, model.num_exp).float()
         with autocast:
-            pred, logits = model(blurry, weights=weights, return_logits=True)
-        pred = pred.float()
-        rec = psnr_loss(pred, sharp) if cfg.loss == "psnr" else F.l1_loss(pred, sharp)
+            if cfg.router_only:  # no decoder pass: the router reads the encoder's bottleneck
+                pred, logits = None, model.route_logits(blurry)
+            else:
+                weights = F.one_hot(label, model.num_exp).float()
+                pred, logits = model(blurry, weights=weights, return_logits=True)
         ce = F.cross_entropy(logits.float(), label)
-        loss = rec + cfg.router_weight * ce
+        if pred is None:
+            loss = ce
+        else:
+            pred = pred.float()
+            rec = psnr_loss(pred, sharp) if cfg.loss == "psnr" else F.l1_loss(pred, sharp)
+            loss = rec + cfg.router_weight * ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         step += 1
         acc = float((logits.argmax(1) == label).float().mean())
-        running.append((batch_psnr(pred.detach(), sharp) - batch_psnr(blurry, sharp), float(ce.detach()), acc))
+        gain = 0.0 if pred is None else batch_psnr(pred.detach(), sharp) - batch_psnr(blurry, sharp)
+        running.append((gain, float(ce.detach()), acc))
         if step % cfg.log_every == 0 or step == cfg.steps:
             gain, ce_m, acc_m = np.mean(running, axis=0)
             running.clear()
