@@ -181,7 +181,7 @@ def test_router_only_trains_the_router_alone(tmp_path):
     from demoe.train import TrainConfig, train
 
     start = randomize(DeMoE(width=4, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1]), seed=3)
-    init = save_model(start, tmp_path / "init.safetensors")
+    init = save_model(start, tmp_path / "init.safetensors", patch_size=48)
     cfg = TrainConfig(init=str(init), router_only=True, patch=32, batch=2, workers=0, steps=2, warmup=1,
                       out=str(tmp_path / "router"), lr=1e-2)
     tuned = load_model(train(cfg, progress=False), device="cpu")
@@ -191,6 +191,8 @@ def test_router_only_trains_the_router_alone(tmp_path):
     assert rest and all(torch.equal(before[k], after[k]) for k in rest)
     assert not torch.equal(before["mlp_branch.classifier.6.weight"], after["mlp_branch.classifier.6.weight"])
     assert router
+    # deblur() sizes tiles from the restoration's training patch: the router's patch must not replace it
+    assert tuned.metadata["patch_size"] == 48
     with pytest.raises(ValueError, match="router_only needs --init"):
         train(TrainConfig(router_only=True, patch=32, batch=2, workers=0, steps=1, out=str(tmp_path / "x")),
               progress=False)

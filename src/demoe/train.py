@@ -266,16 +266,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     session["wall_time_s"] = time.time() - t0
     record["wall_time_s"] = sum(s.get("wall_time_s", 0.0) for s in record["sessions"])
     save_checkpoint()
-    return export(model, out / "model.safetensors", cfg, record)
+    # deblur() sizes its tiles from the patch the restoration was trained on; training the
+    # router alone (on any patch size) does not change it.
+    patch = int(init_meta.get("patch_size") or cfg.patch) if cfg.router_only else cfg.patch
+    return export(model, out / "model.safetensors", cfg, record, patch)
 
 
-def export(model: DeMoE, path: Path, cfg: TrainConfig, record: dict) -> Path:
-    """Write the trained weights with config, input convention and training record."""
+def export(model: DeMoE, path: Path, cfg: TrainConfig, record: dict, patch: int) -> Path:
+    """Write the trained weights with config, input convention, training patch and record."""
     model = model.eval()
     return save_model(
         model, path,
         input_convention={"color": "RGB", "range": [0.0, 1.0], "dtype": "float32", "layout": "NCHW"},
-        patch_size=cfg.patch,
+        patch_size=patch,
         training={**record, "config": dataclasses.asdict(cfg), "tasks": list(TASKS)},
     )
 
