@@ -265,8 +265,8 @@ def deblur(
         averages over a local window instead of the whole tile. True uses 1.5x
         the model's training patch (``metadata['patch_size']``, else 256); an
         int sets the window in pixels. Off by default: on the packaged model it
-        costs about 1.2x the time for no better grid-shift agreement and
-        +0.06 dB (see README, "Seams").
+        costs about 1.1-1.2x the time for no better grid-shift agreement and
+        no measurable PSNR gain (see README, "Seams").
     precision : {'auto', 'fp32', 'fp16', 'bf16'}
         Arithmetic of the network (autocast). 'auto': fp16 on CUDA, fp32
         elsewhere: on a CPU without native bf16 (this project's AMD EPYC)
