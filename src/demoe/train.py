@@ -249,7 +249,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         if step % cfg.log_every == 0 or step == cfg.steps:
             gain, ce_m, acc_m = np.mean(running, axis=0)
             running.clear()
-            msg = f"step {step} loss {float(loss.detach()):.3f} gain {gain:+.2f} dB ce {ce_m:.3f} route-acc {acc_m:.2f}"
+            shown = "" if cfg.router_only else f" gain {gain:+.2f} dB"  # no restoration to score
+            msg = f"step {step} loss {float(loss.detach()):.3f}{shown} ce {ce_m:.3f} route-acc {acc_m:.2f}"
             if bar is not None:
                 bar.set_postfix_str(msg.split(" ", 2)[2])
             if not progress:
