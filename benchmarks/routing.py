@@ -1,0 +1,65 @@
+"""Routing accuracy on many crops: how often the router names the blur it was given.
+
+quality.py scores routing on 30 images, where one image is 3.3 points. This
+script draws many 256 px crops from a folder of sharp photographs (by default
+the training photographs that ``examples/training/train_default.sh`` fetches;
+the crops are fresh, but the photos are not held out), degrades each with every
+task's generator plus sensor noise sigma=0.01 as quality.py does, and routes it
+exactly as ``deblur()`` does (one routing from the image's most textured tiles).
+
+    python benchmarks/routing.py --photos data/photos            # packaged model, 50 crops x 5 tasks
+    python benchmarks/routing.py --photos data/photos --model runs/stage3/model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+import demoe
+from demoe.api import _route_image
+from demoe.data import load_photos
+from demoe.degrade import degrade
+
+CROP = 256
+NOISE = 0.01
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--photos", default="data/photos", help="folder of sharp photographs")
+    parser.add_argument("--model", default=None, help="checkpoint (default: the packaged model)")
+    parser.add_argument("--crops", type=int, default=50, help="crops; each is degraded by all 5 tasks")
+    parser.add_argument("--seed", type=int, default=123)
+    args = parser.parse_args(argv)
+
+    model = demoe.load_model(args.model, device="cpu")
+    photos = [p for p in load_photos([args.photos]) if min(p.shape[:2]) > CROP]
+    if not photos:
+        parser.error(f"no photographs larger than {CROP} px in {args.photos}")
+    rng = np.random.default_rng(args.seed)
+    confusion = np.zeros((len(demoe.TASKS), len(demoe.TASKS)), int)
+    for _ in range(args.crops):
+        img = photos[rng.integers(len(photos))]
+        y, x = rng.integers(0, img.shape[0] - CROP), rng.integers(0, img.shape[1] - CROP)
+        sharp = np.ascontiguousarray(img[y : y + CROP, x : x + CROP])
+        for t, task in enumerate(demoe.TASKS):
+            blurry = degrade(sharp, task, rng=int(rng.integers(1 << 30)), noise=NOISE).blurry.astype(np.float32)
+            chw = np.ascontiguousarray(blurry.transpose(2, 0, 1))
+            probs = _route_image(model, torch.device("cpu"), lambda r, c: np.ascontiguousarray(chw[:, r][:, :, c]),
+                                 CROP, CROP, 256, model.padder_size)
+            confusion[t, int(np.argmax(probs))] += 1
+
+    print(f"Routing of {confusion.sum()} degraded {CROP} px crops from {args.photos} "
+          f"(model: {args.model or 'packaged'}); rows: true task, columns: detected\n")
+    print("| true \\ detected | " + " | ".join(demoe.TASKS) + " |")
+    print("|---" * (len(demoe.TASKS) + 1) + "|")
+    for t, task in enumerate(demoe.TASKS):
+        print(f"| {task} | " + " | ".join(str(v) for v in confusion[t]) + " |")
+    print(f"\nAccuracy: {np.trace(confusion) / confusion.sum():.1%}")
+
+
+if __name__ == "__main__":
+    main()
