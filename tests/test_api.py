@@ -227,7 +227,9 @@ def test_seams_tile_sizes_agree(default_model, blurred_photo):
     assert plan_axis(blurry.shape[0], 256, 32, 16) != plan_axis(blurry.shape[0], 384, 32, 16)
     a = deblur(blurry, model=default_model, task="defocus", tile_size=256, overlap=32)
     b = deblur(blurry, model=default_model, task="defocus", tile_size=384, overlap=32)
-    assert 45 <= psnr(a, b) < 100
+    # Measured 47.8 dB with the GPU-only weights and 44.9 dB with the CPU-fine-tuned ones (the
+    # tile-global channel attention differs more between tile sizes); a stitching bug gives ~30 dB.
+    assert 43 <= psnr(a, b) < 100
 
 
 def test_tiled_matches_whole_pass(default_model, blurred_photo):
