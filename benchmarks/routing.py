@@ -19,12 +19,10 @@ import numpy as np
 import torch
 
 import demoe
-from demoe.api import _route_image
+from demoe.api import DEFAULT_TILE, _route_image
 from demoe.data import load_photos
 from demoe.degrade import degrade
-
-CROP = 256
-NOISE = 0.01
+from quality import CROP, NOISE  # degraded exactly as in the quality benchmark
 
 
 def main(argv=None):
@@ -49,7 +47,7 @@ def main(argv=None):
             blurry = degrade(sharp, task, rng=int(rng.integers(1 << 30)), noise=NOISE).blurry.astype(np.float32)
             chw = np.ascontiguousarray(blurry.transpose(2, 0, 1))
             probs = _route_image(model, torch.device("cpu"), lambda r, c: np.ascontiguousarray(chw[:, r][:, :, c]),
-                                 CROP, CROP, 256, model.padder_size)
+                                 CROP, CROP, DEFAULT_TILE["cpu"], model.padder_size)
             confusion[t, int(np.argmax(probs))] += 1
 
     print(f"Routing of {confusion.sum()} degraded {CROP} px crops from {args.photos} "

@@ -144,6 +144,8 @@ def hardware() -> str:
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run (or resume) training; returns the path of the exported safetensors."""
+    if cfg.router_only and not cfg.init:
+        raise ValueError("router_only needs --init: a router alone cannot be trained on an untrained encoder")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
@@ -152,8 +154,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     model, init_meta = build_model(cfg)
     model = model.to(device)
-    if cfg.router_only and not cfg.init:
-        raise ValueError("router_only needs --init: a router alone cannot be trained on an untrained encoder")
     if cfg.freeze_encoder or cfg.router_only:
         trained = ("mlp_branch.",) if cfg.router_only else ("experts.", "mlp_branch.", "ups.", "decoders.", "ending.")
         for name, p in model.named_parameters():
