@@ -196,3 +196,29 @@ def test_router_only_trains_the_router_alone(tmp_path):
     with pytest.raises(ValueError, match="router_only needs --init"):
         train(TrainConfig(router_only=True, patch=32, batch=2, workers=0, steps=1, out=str(tmp_path / "x")),
               progress=False)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--router-only"], "router_only needs --init"),
+    (["--loss", "l2"], "loss must be 'psnr' or 'l1'"),
+    (["--pairs", "nocolon"], "--pairs takes FOLDER:TASK"),
+    (["--pairs", "some/where:blurred"], "unknown task 'blurred'"),
+    (["--photos", "no/such/folder"], "image folder not found: no/such/folder"),
+    (["--init", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
+    (["--top-k", "6"], "top_k must be between 1 and num_exp"),
+    (["--config", "no_such.toml"], "no_such.toml"),
+])
+def test_train_bad_options_get_one_line_and_create_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--steps", "1", "--workers", "0", "--out", str(out), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("demoe train: error:") and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_train_config_file_with_unknown_option(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("width = 8\nlearning_rate = 0.1\n")
+    assert cli.main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert "unknown options ['learning_rate']" in capsys.readouterr().err

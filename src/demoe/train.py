@@ -87,6 +87,43 @@ class TrainConfig:
             raise ValueError(f"{path}: unknown options {sorted(unknown)}")
         return cls(**data)
 
+    def check(self) -> None:
+        """Raise ValueError (or FileNotFoundError) naming what is wrong with this configuration.
+
+        Run before anything is created or loaded, so a bad option costs nothing.
+        """
+        if self.loss not in ("psnr", "l1"):
+            raise ValueError(f"loss must be 'psnr' or 'l1', got {self.loss!r}")
+        if self.amp not in ("none", "bf16"):
+            raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+        for name in ("width", "num_exp", "patch", "batch", "steps", "ckpt_every", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.workers < 0 or self.warmup < 0:
+            raise ValueError(f"workers and warmup must be >= 0, got {self.workers} and {self.warmup}")
+        if not 1 <= self.top_k <= self.num_exp:
+            raise ValueError(f"top_k must be between 1 and num_exp ({self.num_exp}), got {self.top_k}")
+        if not (0 <= self.photo_fraction <= 1 and 0 <= self.pair_fraction <= 1):
+            raise ValueError("photo_fraction and pair_fraction must be between 0 and 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.router_only and not self.init:
+            raise ValueError("router_only needs --init: a router alone cannot be trained on an untrained encoder")
+        if self.init and not Path(self.init).is_file():
+            raise FileNotFoundError(f"--init: checkpoint not found: {self.init}")
+        for folder in self.photos:
+            if not Path(folder).exists():
+                raise FileNotFoundError(f"--photos: image folder not found: {folder}")
+        for spec in self.pairs:
+            folder, _, task = spec.rpartition(":")
+            if not folder:
+                raise ValueError(f"--pairs takes FOLDER:TASK, got {spec!r}")
+            if task not in TASKS:
+                raise ValueError(f"--pairs {spec!r}: unknown task {task!r}; valid tasks are: {', '.join(TASKS)}")
+            for sub in ("blurry", "sharp"):
+                if not (Path(folder) / sub).is_dir():
+                    raise FileNotFoundError(f"--pairs {spec!r}: folder {Path(folder) / sub} not found")
+
 
 def psnr_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Negative PSNR (dB), averaged over the batch (as in NAFNet's PSNRLoss)."""
@@ -120,9 +157,7 @@ def build_data(cfg: TrainConfig):
     if cfg.pairs:
         pair_streams = []
         for spec in cfg.pairs:
-            folder, _, task = spec.rpartition(":")
-            if not folder:
-                raise ValueError(f"--pairs takes FOLDER:TASK, got {spec!r}")
+            folder, _, task = spec.rpartition(":")  # checked by TrainConfig.check()
             pair_streams.append(PairFolder(folder, task, cfg.patch, cfg.seed))
         w = [1 - cfg.pair_fraction] + [cfg.pair_fraction / len(pair_streams)] * len(pair_streams)
         stream = Mixed([stream, *pair_streams], w, cfg.seed)
@@ -144,8 +179,7 @@ def hardware() -> str:
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run (or resume) training; returns the path of the exported safetensors."""
-    if cfg.router_only and not cfg.init:
-        raise ValueError("router_only needs --init: a router alone cannot be trained on an untrained encoder")
+    cfg.check()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
@@ -314,7 +348,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    path = train(config_from_args(args), progress=not args.no_progress)
+    # Configuration errors get one line; errors once training runs keep their traceback.
+    try:
+        cfg = config_from_args(args)
+        cfg.check()
+    except (ValueError, TypeError, OSError) as err:
+        print(f"demoe train: error: {err}", file=sys.stderr)
+        return 2
+    path = train(cfg, progress=not args.no_progress)
     print(f"wrote {path}")
     return 0
 
