@@ -100,6 +100,8 @@ def test_channel_axis_first_and_none(identity_model):
         (np.zeros((4, 4)), {"tile_size": -8}, ValueError, "tile_size must be an integer"),
         (np.zeros((4, 4)), {"overlap": -1}, ValueError, "overlap must be a non-negative"),
         (np.zeros((4, 4)), {"batch_size": 0}, ValueError, "batch_size must be a positive"),
+        (np.zeros((4, 4)), {"streams": 0}, ValueError, "streams must be a positive"),
+        (np.zeros((4, 4)), {"streams": 1.5}, ValueError, "streams must be a positive"),
         (np.zeros((4, 4)), {"routing": "pixel"}, ValueError, "routing must be"),
         (np.zeros((4, 4)), {"normalize": "zscore"}, ValueError, "normalize must be"),
         (np.zeros((4, 4)), {"precision": "int8"}, ValueError, "precision must be one of auto, fp32"),
@@ -159,6 +161,52 @@ def test_tile_routing_runs(tiny_model):
     assert info["task"] in TASKS and not info["forced"]
 
 
+def test_tile_streams_match_one_stream(tiny_model):
+    """Tiles run in parallel threads stitch to the same image and give the same routing."""
+    import torch
+
+    img = np.random.default_rng(3).random((90, 100, 3)).astype(np.float32)
+    threads = torch.get_num_threads()
+    for routing in ("image", "tile"):
+        one, info1 = deblur(img, model=tiny_model, routing=routing, tile_size=32, overlap=8, device="cpu",
+                            streams=1, return_info=True)
+        three, info3 = deblur(img, model=tiny_model, routing=routing, tile_size=32, overlap=8, batch_size=2,
+                              device="cpu", streams=3, return_info=True)
+        assert info1["streams"] == 1 and info3["streams"] == 3 and info3["tiles"] == info1["tiles"] > 6
+        np.testing.assert_allclose(three, one, atol=1e-5)
+        for t in TASKS:
+            assert info3["probabilities"][t] == pytest.approx(info1["probabilities"][t], abs=1e-6)
+        assert torch.get_num_threads() == threads  # the calling thread's setting is put back
+
+
+def test_tile_streams_default_and_thread_setting_restored_on_cancel(identity_model):
+    import threading
+
+    import torch
+
+    img = np.random.default_rng(0).random((100, 90)).astype(np.float32)
+    _, info = deblur(img, model=identity_model, tile_size=32, overlap=8, device="cpu", return_info=True)
+    assert info["streams"] == min(2, torch.get_num_threads())
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(done, total):
+        if done >= 4:
+            raise Cancelled
+
+    threads = torch.get_num_threads()
+    with pytest.raises(Cancelled):
+        deblur(img, model=identity_model, tile_size=32, overlap=8, device="cpu", streams=2, progress=cancel)
+    assert torch.get_num_threads() == threads
+    seen = []  # a thread started afterwards gets torch's usual setting, not a stream's share
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [threads]
+    assert not [t for t in threading.enumerate() if t.name.startswith("demoe-tiles")]  # the pool is gone
+
+
 def test_cuda_oom_halves_the_batch(identity_model, monkeypatch):
     from demoe import api
 
@@ -174,7 +222,7 @@ def test_cuda_oom_halves_the_batch(identity_model, monkeypatch):
     monkeypatch.setattr(api._Runner, "_run", flaky)
     img = np.random.default_rng(0).random((40, 64)).astype(np.float32)  # rows of 5 tiles: batches of 4
     with pytest.warns(RuntimeWarning, match="out of memory"):
-        out = deblur(img, model=identity_model, tile_size=16, overlap=4, batch_size=4, device="cpu")
+        out = deblur(img, model=identity_model, tile_size=16, overlap=4, batch_size=4, device="cpu", streams=1)
     np.testing.assert_allclose(out, img, atol=1e-5)
     assert 4 in sizes and 2 in sizes and 1 in sizes
 

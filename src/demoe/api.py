@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,10 @@ DEFAULT_TILE = {"cpu": 256, "mps": 512, "cuda": 512}
 #: Default tiles per network call: one on CPU keeps the working set in cache (4 was
 #: 20-27 % slower there, benchmarks/batch_size.py); a GPU wants many.
 DEFAULT_BATCH = {"cpu": 1, "mps": 8, "cuda": 16}
+#: Default tile streams (tiles computed at once in parallel threads, torch's CPU threads
+#: shared among them): two on CPU ran 1.27x faster than one stream using both cores
+#: (benchmarks/inference_options.py); GPUs run one stream of big batches.
+DEFAULT_STREAMS = {"cpu": 2}
 #: Computation precision per device for ``precision="auto"`` (see benchmarks/inference_options.py).
 AUTO_PRECISION = {"cuda": "fp16"}
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -70,7 +76,9 @@ def _resolve_channel_axis(shape, channel_axis) -> int | None:
     return axis
 
 
-def _check_sizes(tile_size, overlap, batch_size, multiple):
+def _check_sizes(tile_size, overlap, batch_size, multiple, streams=None):
+    if streams is not None and (int(streams) < 1 or int(streams) != streams):
+        raise ValueError(f"streams must be a positive integer, got {streams}")
     if tile_size is not None and (int(tile_size) < multiple or int(tile_size) != tile_size):
         raise ValueError(f"tile_size must be an integer >= {multiple} (the network's size divisor), got {tile_size}")
     if overlap is not None and (int(overlap) < 0 or int(overlap) != overlap):
@@ -133,12 +141,17 @@ class _Runner:
     """
 
     def __init__(self, model: DeMoE, device: torch.device, task: str | None, weights: torch.Tensor | None,
-                 record: list | None = None, precision: str = "fp32"):
+                 record: list | None = None, precision: str = "fp32", pool: ThreadPoolExecutor | None = None,
+                 streams: int = 1):
         self.model, self.device, self.task, self.weights = model, device, task, weights
         self.autocast = _DTYPES[precision]  # None: plain float32
         self.record = record if task is None and weights is None else None
+        self.pool, self.streams = pool, streams  # tile streams: each batch is split among the pool's threads
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.pool is not None and len(batch) > 1:
+            parts = list(self.pool.map(self._run, np.array_split(batch, min(len(batch), self.streams))))
+            return self._collect(parts)
         start = 0
         outs = []
         step = len(batch)
@@ -153,19 +166,51 @@ class _Runner:
                 step = max(1, step // 2)
                 torch.cuda.empty_cache()
                 warnings.warn(f"CUDA out of memory; retrying with {step} tile(s) per batch", RuntimeWarning, stacklevel=2)
-        return np.concatenate(outs)
+        return self._collect(outs)
+
+    def _collect(self, parts: list) -> np.ndarray:
+        """Concatenate ``(output, routing probabilities)`` parts, recording the latter in tile order."""
+        if self.record is not None:
+            for _, probs in parts:
+                self.record.extend(probs)
+        return np.concatenate([out for out, _ in parts])
 
     @torch.inference_mode()
-    def _run(self, chunk: np.ndarray) -> np.ndarray:
+    def _run(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         x = torch.from_numpy(chunk).to(self.device)
         w = None if self.weights is None else self.weights.expand(len(chunk), -1)
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             if self.record is None:
-                y = self.model(x, task=self.task, weights=w)
+                y, probs = self.model(x, task=self.task, weights=w), None
             else:
                 y, logits = self.model(x, return_logits=True)
-                self.record.extend(logits.float().softmax(dim=1).cpu().numpy())
-        return y.float().cpu().numpy()
+                probs = logits.float().softmax(dim=1).cpu().numpy()
+        return y.float().cpu().numpy(), probs
+
+
+@contextlib.contextmanager
+def _tile_streams(streams: int):
+    """A pool of ``streams`` threads that each run tiles with their share of torch's CPU threads.
+
+    Yields None for a single stream. torch's thread setting is process-wide for
+    threads that start meanwhile, so it is put back on exit, whatever happens.
+    """
+    if streams <= 1:
+        yield None
+        return
+    total = torch.get_num_threads()
+    each = max(1, total // streams)
+
+    def init_thread():
+        torch.get_num_threads()  # let torch initialise this thread's setting first, then override it
+        torch.set_num_threads(each)
+
+    pool = ThreadPoolExecutor(streams, thread_name_prefix="demoe-tiles", initializer=init_thread)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(total)
 
 
 def _route_image(model: DeMoE, device, read, height, width, tile, multiple) -> np.ndarray:
@@ -205,6 +250,7 @@ def deblur(
     normalize: str | tuple[float, float] = "auto",
     device: str | torch.device | None = None,
     batch_size: int | None = None,
+    streams: int | None = None,
     bgr: bool = False,
     progress: bool | Callable[[int, int], None] = False,
     return_info: bool = False,
@@ -246,6 +292,11 @@ def deblur(
         None -> cuda, else mps, else cpu.
     batch_size : int, optional
         Tiles per network call (default 1 on CPU, 8 on MPS, 16 on CUDA).
+    streams : int, optional
+        Network calls run at once in parallel threads, torch's CPU threads shared
+        among them (default 2 on a CPU with at least two threads, else 1). On two
+        cores, two one-thread streams beat one two-thread stream by 1.27x. While
+        they run, threads that start using torch get their share of threads.
     bgr : bool
         Colour channels are in BGR order (``cv2.imread``).
     progress : bool or callable
@@ -253,7 +304,7 @@ def deblur(
         every batch and may raise to cancel.
     return_info : bool
         Also return a dict: routing probabilities per task, the task used,
-        tiles, device, precision, tile size, overlap, batch size, seconds.
+        tiles, device, precision, tile size, overlap, batch size, streams, seconds.
     preserve_mean : bool, optional
         Shift every restored plane back to its input's mean intensity, so a
         deblur never re-exposes the data. Default: on, except when the
@@ -321,7 +372,7 @@ def deblur(
     else:
         raise TypeError(f"model must be a DeMoE, a checkpoint path or None, got {type(model).__name__}")
     multiple = net.padder_size
-    _check_sizes(tile_size, overlap, batch_size, multiple)
+    _check_sizes(tile_size, overlap, batch_size, multiple, streams)
     patch = int(getattr(net, "metadata", {}).get("patch_size", 0) or 0)  # training patch, if recorded
     if tile_size is not None:
         tile = int(tile_size)
@@ -332,6 +383,9 @@ def deblur(
     if 2 * ovl >= tile:
         raise ValueError(f"overlap ({ovl}) must be less than half the tile size ({tile})")
     batch = int(batch_size) if batch_size is not None else DEFAULT_BATCH.get(dev.type, 1)
+    if streams is None:
+        streams = min(DEFAULT_STREAMS.get(dev.type, 1), torch.get_num_threads()) if dev.type == "cpu" else 1
+    streams = int(streams)
 
     # Channels last, planes first: (P, H, W, C).
     moved = arr if axis is None else _moveaxis(arr, axis, -1)
@@ -350,7 +404,7 @@ def deblur(
         raise ValueError(f"tlc must be True, False or a window size in pixels (> 0), got {tlc!r}")
     if precision == _AUTO:
         precision = AUTO_PRECISION.get(dev.type, "fp32")
-    settings = dict(net=net, dev=dev, task=task, routing=routing, tile=tile, ovl=ovl, batch=batch, bgr=bgr,
+    settings = dict(net=net, dev=dev, task=task, routing=routing, tile=tile, ovl=ovl, batch=batch, streams=streams, bgr=bgr,
                     lo=lo, hi=hi, multiple=multiple, preserve_mean=preserve_mean, tlc_window=window,
                     precision=precision)
 
@@ -362,7 +416,7 @@ def deblur(
         out = out[..., 0]
     else:
         out = _moveaxis(out, -1, axis)
-    info.update(device=str(dev), precision=precision, tile_size=tile, overlap=ovl, batch_size=batch,
+    info.update(device=str(dev), precision=precision, tile_size=tile, overlap=ovl, batch_size=batch, streams=streams,
                 normalization=(lo, hi), seconds=time.perf_counter() - t0)
     return (out, info) if return_info else out
 
@@ -438,12 +492,14 @@ def _deblur_numpy(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray 
     """Restore a ``(..., H, W, C)`` array; the network's pooling mode is set for the call only."""
     s["net"].set_local_pooling(s["tlc_window"])
     try:
-        return _deblur_planes(moved, s, progress, fixed_probs)
+        with _tile_streams(s["streams"]) as pool:
+            return _deblur_planes(moved, s, progress, fixed_probs, pool)
     finally:
         s["net"].set_local_pooling(None)
 
 
-def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray | None) -> tuple[np.ndarray, dict]:
+def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray | None,
+                   pool: ThreadPoolExecutor | None) -> tuple[np.ndarray, dict]:
     net, dev = s["net"], s["dev"]
     *lead, h, w, c = moved.shape
     planes = moved.reshape(-1, h, w, c)
@@ -473,9 +529,10 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
                 probs = fixed_probs if fixed_probs is not None else _route_image(net, dev, read, h, w, s["tile"], s["multiple"])
                 weights = torch.from_numpy(np.asarray(probs)).float().to(dev)[None]
                 probs_all.append(probs)
-            runner = _Runner(net, dev, s["task"], weights, record=probs_all, precision=s["precision"])
+            runner = _Runner(net, dev, s["task"], weights, record=probs_all, precision=s["precision"],
+                             pool=pool, streams=s["streams"])
             tiling.stitch(read, runner, write, h, w, tile=s["tile"], overlap=s["ovl"], multiple=s["multiple"],
-                          batch_size=s["batch"], progress=report)
+                          batch_size=s["batch"] * s["streams"], progress=report)
             used = _routing_info(s["task"], probs_all[first:], net)["task"]
             keep = s["preserve_mean"] if s["preserve_mean"] is not None else used != "low_light"
             if keep:
@@ -554,7 +611,8 @@ def _deblur_dask(moved, s: dict):
     depth[moved.ndim - 2] = min(margin, w)
 
     # Mean matching needs the whole plane; per chunk it could leave steps at chunk borders.
-    block_settings = {**s, "preserve_mean": False}
+    # dask's own threads already restore chunks in parallel: one tile stream per chunk.
+    block_settings = {**s, "preserve_mean": False, "streams": 1}
 
     def block_fn(block):
         _check_finite(block)
