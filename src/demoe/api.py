@@ -213,8 +213,13 @@ def _tile_streams(streams: int):
         torch.set_num_threads(total)
 
 
-def _route_image(model: DeMoE, device, read, height, width, tile, multiple) -> np.ndarray:
-    """Routing weights for a whole image: the average over its most textured tiles."""
+def _route_image(model: DeMoE, device, read, height, width, tile, multiple, batch: int | None = None,
+                 pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """Routing weights for a whole image: the average over its most textured tiles.
+
+    The tiles go through the router ``batch`` at a time (default: all at once),
+    spread over ``pool``'s threads when one is given.
+    """
     ay = tiling.plan_axis(height, tile, 0 if tile <= multiple else min(multiple, tile // 4), multiple)
     ax = tiling.plan_axis(width, tile, 0 if tile <= multiple else min(multiple, tile // 4), multiple)
     candidates = []
@@ -230,9 +235,14 @@ def _route_image(model: DeMoE, device, read, height, width, tile, multiple) -> n
     # Flat tiles say nothing about blur: weight the vote by texture (gradient energy).
     energy = np.array([np.abs(np.diff(t, axis=-1)).mean() + np.abs(np.diff(t, axis=-2)).mean() for t in tiles])
     order = np.argsort(-energy)[:ROUTING_TILES]
-    batch = torch.from_numpy(np.stack([tiles[k] for k in order])).to(device)
-    with torch.inference_mode():
-        probs = model.route(batch).float().cpu().numpy()
+    chosen = np.stack([tiles[k] for k in order])
+
+    def route(part: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model.route(torch.from_numpy(part).to(device)).float().cpu().numpy()
+
+    parts = np.array_split(chosen, -(-len(chosen) // (batch or len(chosen))))
+    probs = np.concatenate(list(pool.map(route, parts)) if pool is not None else [route(p) for p in parts])
     w = energy[order] + 1e-12
     return (probs * w[:, None]).sum(0) / w.sum()
 
@@ -526,7 +536,9 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
             first = len(probs_all)  # this job's routing records start here
             weights = None
             if s["task"] is None and s["routing"] == "image":
-                probs = fixed_probs if fixed_probs is not None else _route_image(net, dev, read, h, w, s["tile"], s["multiple"])
+                probs = fixed_probs
+                if probs is None:
+                    probs = _route_image(net, dev, read, h, w, s["tile"], s["multiple"], batch=s["batch"], pool=pool)
                 weights = torch.from_numpy(np.asarray(probs)).float().to(dev)[None]
                 probs_all.append(probs)
             runner = _Runner(net, dev, s["task"], weights, record=probs_all, precision=s["precision"],
@@ -626,4 +638,5 @@ def _route_crop(crop: np.ndarray, s: dict) -> np.ndarray:
     """Routing probabilities of a ``(H, W, C)`` crop, estimated as for a whole image."""
     chans, mode = _jobs(crop.shape[-1], s["net"].img_channel, s["bgr"])[0]
     read = _tile_reader(crop, chans, mode, s)
-    return _route_image(s["net"], s["dev"], read, crop.shape[0], crop.shape[1], s["tile"], s["multiple"])
+    return _route_image(s["net"], s["dev"], read, crop.shape[0], crop.shape[1], s["tile"], s["multiple"],
+                        batch=s["batch"])
