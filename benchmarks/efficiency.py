@@ -6,7 +6,10 @@ All in one run, same packaged model, same pixels (scikit-image's astronaut tiled
 * **bare tiles**: the model's own forward on non-overlapping tiles of 128-512 px,
   already float32 tensors (no overlap, no conversion, no stitching); the best size
   is the ceiling any tiler can reach;
-* **deblur()**: the full path, uint8 in and out, auto routing, default tiles;
+* **bare tiles, two streams**: the same, with two tiles at a time in two threads of
+  one torch thread each, as ``deblur()`` runs them on CPU by default (``streams``);
+* **deblur()**: the full path, uint8 in and out, auto routing, default tiles
+  and streams; and ``deblur(streams=1)``, one tile at a time on all threads;
 * **MONAI** ``sliding_window_inference`` (gaussian blending, overlap 0.25, window =
   our tile size, same tiles per batch), given the routing deblur() chose, with
   the uint8 -> float -> uint8 conversions it needs; MONAI is only needed here
@@ -36,13 +39,17 @@ from pathlib import Path
 
 from _report import save_report
 
+from demoe.api import DEFAULT_STREAMS, DEFAULT_TILE
+
+DEFAULT_STREAMS_CPU, DEFAULT_TILE_CPU = DEFAULT_STREAMS.get("cpu", 1), DEFAULT_TILE["cpu"]
+
 
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
 from skimage import data
 import demoe
-from demoe.api import DEFAULT_BATCH, DEFAULT_TILE
+from demoe.api import DEFAULT_BATCH, DEFAULT_STREAMS, DEFAULT_TILE, _tile_streams
 
 mode, mp, arg = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 side = int((mp * 1e6) ** 0.5)
@@ -55,17 +62,26 @@ warm = img[:tile, :tile]
 result = {"mode": mode, "mp": side * side / 1e6}
 
 
-def forward_tiles(x, size, **kw):
-    # x: (3, H, W) float32 tensor, H and W multiples of size; non-overlapping tiles.
+def forward_tiles(x, size, streams=1, **kw):
+    # x: (3, H, W) float32 tensor, H and W multiples of size; non-overlapping tiles, run
+    # `batch` at a time, in `streams` threads sharing torch's threads as deblur() does.
     t = x.unfold(1, size, size).unfold(2, size, size)  # (3, nh, nw, size, size)
     t = t.permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size)
-    with torch.inference_mode():
-        for i in range(0, len(t), batch):
+
+    def run(i):
+        with torch.inference_mode():
             model(t[i : i + batch].contiguous(), **kw)
+
+    with _tile_streams(streams) as pool:
+        if pool is None:
+            for i in range(0, len(t), batch):
+                run(i)
+        else:
+            list(pool.map(run, range(0, len(t), batch)))
     return len(t) * size * size
 
 
-def bare_path(size):
+def bare_path(size, streams=1):
     # The model's own forward over non-overlapping tiles, input already float32, one expert
     # per level as with deblur()'s image routing. Returns (run, megapixels).
     x = torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 255)
@@ -73,7 +89,7 @@ def bare_path(size):
     x = x[:, :usable, :usable]
     w = torch.zeros(batch, model.num_exp)
     w[:, 0] = 1
-    return (lambda: forward_tiles(x, size, weights=w)), usable * usable / 1e6
+    return (lambda: forward_tiles(x, size, streams, weights=w)), usable * usable / 1e6
 
 
 def monai_path():
@@ -92,11 +108,13 @@ def monai_path():
 
 
 def path(name):
-    if name.startswith("bare"):
-        return bare_path(int(name[4:]))
+    if name.startswith("bare"):  # bare256, or bare256x2 for two streams
+        size, _, streams = name[4:].partition("x")
+        return bare_path(int(size), int(streams or 1))
     if name == "monai":
         return monai_path()
-    return (lambda: demoe.deblur(img, model=model, tlc=name == "deblur_tlc")), side * side / 1e6
+    kw = {"deblur_tlc": {"tlc": True}, "deblur_1s": {"streams": 1}}.get(name, {})
+    return (lambda: demoe.deblur(img, model=model, **kw)), side * side / 1e6
 
 
 if mode in ("single", "race"):
@@ -212,12 +230,16 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     bare_names = [f"bare{size}" for size in args.bare_sizes]
-    names = bare_names + ["deblur", "deblur_tlc"] + (["monai"] if have_monai else [])
+    streams = DEFAULT_STREAMS_CPU
+    bare_streams = f"bare{DEFAULT_TILE_CPU}x{streams}"  # the bare forward run as deblur() runs tiles
+    extra = [bare_streams, "deblur_1s"] if streams > 1 else []
+    names = bare_names + ["deblur", "deblur_tlc"] + extra + (["monai"] if have_monai else [])
     # Peak memory: each path alone in a fresh process.
     single = {n: measure("single", args.mp, n) for n in names}
     # Speed: the contenders interleaved in one process, so a slow spell of a shared
     # machine hits them alike; the median of the rounds counts.
-    contenders = [f"bare{s}" for s in args.race_sizes] + ["deblur", "deblur_tlc"] + (["monai"] if have_monai else [])
+    contenders = ([f"bare{s}" for s in args.race_sizes] + ["deblur", "deblur_tlc"] + extra
+                  + (["monai"] if have_monai else []))
     race = measure("race", args.mp, ",".join([str(args.rounds)] + contenders))
 
     def row(n):
@@ -228,6 +250,7 @@ def main(argv=None):
     bare = [{**row(n), "size": size} for n, size in zip(bare_names, args.bare_sizes)]
     ours, ours_tlc = {**row("deblur"), **{k: race[k] for k in ("tile", "planned_tile", "overlap", "tiles", "computed", "task")}}, row("deblur_tlc")
     monai_row = row("monai") if have_monai else None
+    bare_s, ours_1s = (row(bare_streams), row("deblur_1s")) if extra else (None, None)
     sparse = measure("experts", 1.0, "1")
     dense = measure("experts", 1.0, "5")
     seams_ours = measure("seams", 1.0, "deblur")
@@ -252,6 +275,10 @@ def main(argv=None):
         lines.append(f"| bare forward, {r['size']} px tiles | {r['mp_per_s']:.3f}{'' if r['raced'] else '*'} | "
                      f"{r['peak_rss_gb']:.2f} | "
                      "non-overlapping, float32 in, no conversion |")
+    if extra:
+        lines.append(f"| bare forward, {DEFAULT_TILE_CPU} px tiles, {streams} streams | {bare_s['mp_per_s']:.3f} | "
+                     f"{bare_s['peak_rss_gb']:.2f} | as above, {streams} tiles at once in {streams} threads sharing "
+                     "torch's threads (deblur()'s CPU default) |")
     lines.append(f"| **deblur()** | **{ours['mp_per_s']:.3f}** | **{ours['peak_rss_gb']:.2f}** | "
                  f"{ours['tiles']} x {ours['planned_tile']} px tiles (asked for {ours['tile']}; the planner fits "
                  f"them to the image), overlap {ours['overlap']}, {ours['computed']:.2f}x the image's pixels, "
@@ -259,6 +286,9 @@ def main(argv=None):
                  f"({ours['task']}), uint8 in/out, all defaults |")
     lines.append(f"| deblur(tlc=True) | {ours_tlc['mp_per_s']:.3f} | {ours_tlc['peak_rss_gb']:.2f} | "
                  "the same with the test-time local converter |")
+    if extra:
+        lines.append(f"| deblur(streams=1) | {ours_1s['mp_per_s']:.3f} | {ours_1s['peak_rss_gb']:.2f} | "
+                     "one tile at a time on all torch threads |")
     if monai_row:
         lines.append(f"| MONAI sliding_window_inference | {monai_row['mp_per_s']:.3f} | {monai_row['peak_rss_gb']:.2f} | "
                      f"{ours['tile']} px window, overlap 0.25, gaussian, same tiles per batch |")
@@ -267,6 +297,12 @@ def main(argv=None):
         f"- Efficiency, deblur() / fastest bare tiles in the race ({best['size']} px): "
         f"**{ours['mp_per_s'] / best['mp_per_s']:.2f}** (target >= 0.65).",
     ]
+    if extra:
+        lines += [f"- The same against bare tiles run in {streams} streams as deblur() runs them: "
+                  f"{ours['mp_per_s'] / bare_s['mp_per_s']:.2f} (what the overlap, routing and conversion cost).",
+                  f"- Streams: deblur() with {streams} streams vs deblur(streams=1): "
+                  f"{ours['mp_per_s'] / ours_1s['mp_per_s']:.2f}x; bare tiles: "
+                  f"{bare_s['mp_per_s'] / row(f'bare{DEFAULT_TILE_CPU}')['mp_per_s']:.2f}x."]
     if monai_row:
         lines.append(f"- deblur() vs MONAI: **{ours['mp_per_s'] / monai_row['mp_per_s']:.2f}x** the speed "
                      f"(target >= 1.3x), peak RSS {ours['peak_rss_gb']:.2f} vs {monai_row['peak_rss_gb']:.2f} GB.")
@@ -280,12 +316,16 @@ def main(argv=None):
     lines.append(seam_line + " (higher is more seam-free).")
     save_report(lines, args.out)
     bars = [(f"bare forward, {r['size']} px tiles", r) for r in bare]
+    if extra:
+        bars.append((f"bare forward, {DEFAULT_TILE_CPU} px, {streams} streams", bare_s))
     bars += [("deblur() (default)", ours), ("deblur(tlc=True)", ours_tlc)]
+    if extra:
+        bars.append(("deblur(streams=1)", ours_1s))
     if monai_row:
         bars.append(("MONAI sliding_window_inference", monai_row))
     plot(bars, Path(args.out).with_suffix(".png"), f"{args.mp:g} MP RGB uint8, {platform.machine()} CPU, "
          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
-    print(json.dumps({"bare": bare, "deblur": ours, "monai": monai_row, "sparse": sparse, "dense": dense,
+    print(json.dumps({"bare": bare, "bare_streams": bare_s, "deblur_1s": ours_1s, "deblur": ours, "monai": monai_row, "sparse": sparse, "dense": dense,
                       "seams": [seams_ours, seams_tlc, seams_monai], "deblur_tlc": ours_tlc}))
 
 
