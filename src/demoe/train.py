@@ -136,6 +136,24 @@ def batch_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float((-10 * torch.log10(mse + 1e-10)).mean())
 
 
+def batch_losses(model: DeMoE, cfg: TrainConfig, blurry, sharp, label):
+    """``(loss, cross-entropy, router logits, restored batch or None)`` for one batch.
+
+    Each image is restored by its true task's expert; the router learns from
+    its own cross-entropy. With ``router_only`` there is no decoder pass (the
+    router reads the encoder's bottleneck) and the loss is the cross-entropy.
+    """
+    if cfg.router_only:
+        logits = model.route_logits(blurry)
+        ce = F.cross_entropy(logits.float(), label)
+        return ce, ce, logits, None
+    pred, logits = model(blurry, weights=F.one_hot(label, model.num_exp).float(), return_logits=True)
+    ce = F.cross_entropy(logits.float(), label)
+    pred = pred.float()
+    rec = psnr_loss(pred, sharp) if cfg.loss == "psnr" else F.l1_loss(pred, sharp)
+    return rec + cfg.router_weight * ce, ce, logits, pred
+
+
 def build_model(cfg: TrainConfig) -> tuple[DeMoE, dict]:
     """The model to train and the metadata of the checkpoint it starts from (if any)."""
     if cfg.init:
@@ -260,18 +278,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         with autocast:
-            if cfg.router_only:  # no decoder pass: the router reads the encoder's bottleneck
-                pred, logits = None, model.route_logits(blurry)
-            else:
-                weights = F.one_hot(label, model.num_exp).float()
-                pred, logits = model(blurry, weights=weights, return_logits=True)
-        ce = F.cross_entropy(logits.float(), label)
-        if pred is None:
-            loss = ce
-        else:
-            pred = pred.float()
-            rec = psnr_loss(pred, sharp) if cfg.loss == "psnr" else F.l1_loss(pred, sharp)
-            loss = rec + cfg.router_weight * ce
+            loss, ce, logits, pred = batch_losses(model, cfg, blurry, sharp, label)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
