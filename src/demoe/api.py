@@ -287,7 +287,7 @@ def deblur(
         >= 3`` and it has 3 or 4 entries, otherwise no channel axis.
     tile_size, overlap : int, optional
         Tiles (pixels) fed to the network and their overlap. Default tile: 256
-        on CPU, 512 on GPU, and at least twice the model's training patch
+        on CPU, 512 on GPU, and at least the model's training patch
         (``metadata['patch_size']``); default overlap: tile / 8. ``overlap``
         must be under half a tile.
     routing : {'image', 'tile'}
@@ -386,8 +386,8 @@ def deblur(
     patch = int(getattr(net, "metadata", {}).get("patch_size", 0) or 0)  # training patch, if recorded
     if tile_size is not None:
         tile = int(tile_size)
-    else:  # the device's best size, but at least twice the patches the model was trained on
-        tile = max(DEFAULT_TILE.get(dev.type, 256), 2 * patch)
+    else:  # the device's best size, but no smaller than the patches the model was trained on
+        tile = max(DEFAULT_TILE.get(dev.type, 256), patch)
     tile = -(-tile // multiple) * multiple
     ovl = int(overlap) if overlap is not None else tile // 8
     if 2 * ovl >= tile:
