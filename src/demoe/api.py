@@ -26,8 +26,9 @@ DEFAULT_TILE = {"cpu": 256, "mps": 512, "cuda": 512}
 #: 20-27 % slower there, benchmarks/batch_size.py); a GPU wants many.
 DEFAULT_BATCH = {"cpu": 1, "mps": 8, "cuda": 16}
 #: Default tile streams (tiles computed at once in parallel threads, torch's CPU threads
-#: shared among them): two on CPU ran 1.27x faster than one stream using both cores
-#: (benchmarks/inference_options.py); GPUs run one stream of big batches.
+#: shared among them): on two cores, deblur() with two one-thread streams ran 1.14-1.25x
+#: as fast as one two-thread stream, bare tiles 1.45x (benchmarks/efficiency.py, README);
+#: GPUs run one stream of big batches.
 DEFAULT_STREAMS = {"cpu": 2}
 #: Computation precision per device for ``precision="auto"`` (see benchmarks/inference_options.py).
 AUTO_PRECISION = {"cuda": "fp16"}
@@ -304,9 +305,10 @@ def deblur(
         Tiles per network call (default 1 on CPU, 8 on MPS, 16 on CUDA).
     streams : int, optional
         Network calls run at once in parallel threads, torch's CPU threads shared
-        among them (default 2 on a CPU with at least two threads, else 1). On two
-        cores, two one-thread streams beat one two-thread stream by 1.27x. While
-        they run, threads that start using torch get their share of threads.
+        among them (default 2 on a CPU with at least two threads, else 1; meant
+        for CPUs). On two cores, two one-thread streams ran 1.14-1.25x as fast
+        as one two-thread stream. While they run, threads that start using torch
+        get a stream's share of threads.
     bgr : bool
         Colour channels are in BGR order (``cv2.imread``).
     progress : bool or callable
