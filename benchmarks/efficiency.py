@@ -49,7 +49,7 @@ import json, resource, sys, time
 import numpy as np, torch
 from skimage import data
 import demoe
-from demoe.api import DEFAULT_BATCH, DEFAULT_STREAMS, DEFAULT_TILE, _tile_streams
+from demoe.api import DEFAULT_BATCH, DEFAULT_TILE, _tile_streams
 
 mode, mp, arg = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 side = int((mp * 1e6) ** 0.5)

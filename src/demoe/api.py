@@ -396,7 +396,7 @@ def deblur(
         raise ValueError(f"overlap ({ovl}) must be less than half the tile size ({tile})")
     batch = int(batch_size) if batch_size is not None else DEFAULT_BATCH.get(dev.type, 1)
     if streams is None:
-        streams = min(DEFAULT_STREAMS.get(dev.type, 1), torch.get_num_threads()) if dev.type == "cpu" else 1
+        streams = min(DEFAULT_STREAMS.get(dev.type, 1), torch.get_num_threads())
     streams = int(streams)
 
     # Channels last, planes first: (P, H, W, C).
