@@ -207,7 +207,8 @@ def test_tile_streams_default_and_thread_setting_restored_on_cancel(identity_mod
     assert not [t for t in threading.enumerate() if t.name.startswith("demoe-tiles")]  # the pool is gone
 
 
-def test_cuda_oom_halves_the_batch(identity_model, monkeypatch):
+@pytest.mark.parametrize(("streams", "tried"), [(1, {4, 2, 1}), (2, {3, 1})])  # two streams: 3 + 3 tiles, 3 halves to 1
+def test_cuda_oom_halves_the_batch(identity_model, monkeypatch, streams, tried):
     from demoe import api
 
     original = api._Runner._run
@@ -222,9 +223,9 @@ def test_cuda_oom_halves_the_batch(identity_model, monkeypatch):
     monkeypatch.setattr(api._Runner, "_run", flaky)
     img = np.random.default_rng(0).random((40, 64)).astype(np.float32)  # rows of 5 tiles: batches of 4
     with pytest.warns(RuntimeWarning, match="out of memory"):
-        out = deblur(img, model=identity_model, tile_size=16, overlap=4, batch_size=4, device="cpu", streams=1)
+        out = deblur(img, model=identity_model, tile_size=16, overlap=4, batch_size=4, device="cpu", streams=streams)
     np.testing.assert_allclose(out, img, atol=1e-5)
-    assert 4 in sizes and 2 in sizes and 1 in sizes
+    assert set(sizes) == tried
 
 
 def test_default_model_cached_per_device():

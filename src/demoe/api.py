@@ -151,8 +151,12 @@ class _Runner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if self.pool is not None and len(batch) > 1:
-            parts = list(self.pool.map(self._run, np.array_split(batch, min(len(batch), self.streams))))
-            return self._collect(parts)
+            groups = self.pool.map(self._run_halving, np.array_split(batch, min(len(batch), self.streams)))
+            return self._collect([part for group in groups for part in group])
+        return self._collect(self._run_halving(batch))
+
+    def _run_halving(self, batch: np.ndarray) -> list:
+        """Run ``batch`` in chunks, halving the chunk on CUDA out-of-memory; one part per chunk."""
         start = 0
         outs = []
         step = len(batch)
@@ -167,7 +171,7 @@ class _Runner:
                 step = max(1, step // 2)
                 torch.cuda.empty_cache()
                 warnings.warn(f"CUDA out of memory; retrying with {step} tile(s) per batch", RuntimeWarning, stacklevel=2)
-        return self._collect(outs)
+        return outs
 
     def _collect(self, parts: list) -> np.ndarray:
         """Concatenate ``(output, routing probabilities)`` parts, recording the latter in tile order."""
@@ -308,7 +312,8 @@ def deblur(
         among them (default 2 on a CPU with at least two threads, else 1; meant
         for CPUs). On two cores, two one-thread streams ran 0.96-1.25x as fast
         as one two-thread stream (bare tiles: 1.45-1.58x). While they run, threads that start using torch
-        get a stream's share of threads.
+        get a stream's share of threads. On CUDA each stream halves its own
+        batch on out-of-memory.
     bgr : bool
         Colour channels are in BGR order (``cv2.imread``).
     progress : bool or callable
