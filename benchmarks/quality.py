@@ -87,7 +87,7 @@ def scores(restored, sharp):
     return psnr, ssim
 
 
-def run(model, seed0: int = 0, tlc: bool = False):
+def run(model, seed0: int = 0, tlc: bool | int = True):
     rows = []  # (image, task, method, psnr, ssim, mean_ratio)
     routed = []  # (true task, detected task)
     pictures = {}
@@ -200,21 +200,23 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help="checkpoint (default: the packaged model)")
     parser.add_argument("--out", default="docs/benchmarks", help="folder for quality.md / quality.png / examples.png")
     parser.add_argument("--no-figures", action="store_true")
-    parser.add_argument("--tlc", action="store_true", help="test-time local converter on (deblur(tlc=True))")
+    parser.add_argument("--tlc", type=int, default=None, metavar="PX",
+                        help="local converter window in pixels, 0 for off (default: deblur()'s, the training patch)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = demoe.load_model(args.model, device="cpu")
     t0 = time.time()
-    rows, routed, pictures = run(model, tlc=args.tlc)
+    rows, routed, pictures = run(model, tlc=True if args.tlc is None else (args.tlc or False))
     clock = data.clock()
     clock_out = demoe.deblur(clock, model=model)
     elapsed = time.time() - t0
     text, gains = table(rows, routed)
+    tlc_note = "" if args.tlc is None else f"; local converter window: {args.tlc or 'off'}"
     header = (f"# Quality benchmark\n\nModel: `{Path(getattr(model, 'source', 'default')).name}` "
               f"({model.config}, k={model.k_used}). Images: {', '.join(IMAGES)} (central {CROP} px crops), "
               f"each degraded by every task's generator (seed = 100*image + task) plus Gaussian noise "
-              f"sigma={NOISE}{'; test-time local converter on' if args.tlc else ''}. Cells: PSNR (dB) / SSIM. Richardson-Lucy ({RL_ITERATIONS} iterations) and Wiener "
+              f"sigma={NOISE}{tlc_note}. Cells: PSNR (dB) / SSIM. Richardson-Lucy ({RL_ITERATIONS} iterations) and Wiener "
               f"(balance {WIENER_BALANCE}) get the true PSF and a reflect-padded image; n/a where the blur has no single PSF.\n\n"
               f"Command: `python benchmarks/quality.py`; {platform.machine()} CPU, "
               f"{time.strftime('%Y-%m-%d')}, {elapsed:.0f} s.\n\n")

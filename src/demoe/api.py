@@ -270,7 +270,7 @@ def deblur(
     progress: bool | Callable[[int, int], None] = False,
     return_info: bool = False,
     preserve_mean: bool | None = None,
-    tlc: bool | int = False,
+    tlc: bool | int = True,
     precision: str = "auto",
 ):
     """Deblur an image with DeMoE.
@@ -330,11 +330,15 @@ def deblur(
         averaged in linear light, darkens by 1-3 %. Not applied to dask input.
     tlc : bool or int
         Test-time local converter (Chu et al., 2022): the channel attention
-        averages over a local window instead of the whole tile. True uses 1.5x
-        the model's training patch (``metadata['patch_size']``, else 256); an
-        int sets the window in pixels. Off by default: on the packaged model it
-        costs about 1.1-1.2x the time for no better grid-shift agreement and
-        no measurable PSNR gain (see README, "Seams").
+        averages over a local window instead of the whole tile, so a tile
+        larger than the training patches sees the statistics the network was
+        trained on. True (default) uses the model's training patch
+        (``metadata['patch_size']``, else 256) as the window; an int sets it in
+        pixels; False gives the published global pooling. A tile no larger than
+        the window is pooled globally either way, so on CPU (256 px tiles, the
+        packaged model's 256 px patch) the default costs nothing; it takes
+        effect for larger tiles (GPU defaults, a larger ``tile_size``), where
+        it keeps the result independent of the tile size (see README, "Seams").
     precision : {'auto', 'fp32', 'fp16', 'bf16'}
         Arithmetic of the network (autocast). 'auto': fp16 on CUDA, fp32
         elsewhere: on a CPU without native bf16 (this project's AMD EPYC)
@@ -412,7 +416,7 @@ def deblur(
         _check_finite(moved)
     lo, hi = intensity_range(moved, normalize)
     if tlc is True:
-        window = int(1.5 * (patch or 256))
+        window = int(patch or 256)
     elif tlc is False or tlc is None:
         window = None
     elif isinstance(tlc, (int, np.integer)) and tlc > 0:

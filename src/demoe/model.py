@@ -275,7 +275,7 @@ class DeMoE(nn.Module):
     def set_local_pooling(self, window: int | None) -> None:
         """Channel attention over a local window instead of the whole input.
 
-        ``window`` is in input pixels (TLC uses 1.5x the training patch); each
+        ``window`` is in input pixels (``deblur`` uses the training patch); each
         level gets it divided by its downsampling factor. None restores the
         published global pooling.
         """
