@@ -381,6 +381,40 @@ def test_tlc_default_acts_on_tiles_larger_than_the_patch(default_model, blurred_
     assert np.abs(default.astype(int) - deblur(blurry, tlc=False, **kw).astype(int)).max() > 0
 
 
+def test_local_converter_is_per_call_under_concurrency():
+    """Calls on one model from several threads (dask chunks, a GUI worker) each get their own
+    pooling: one call must not switch another's local converter on or off halfway."""
+    import threading
+
+    from demoe import DeMoE
+    from tests.conftest import randomize
+
+    model = randomize(DeMoE(width=4, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1]), seed=3)
+    ramp = np.linspace(0, 1, 192, dtype=np.float32)[None, :, None]  # local means differ from the tile's
+    img = (0.2 * np.random.default_rng(0).random((192, 192, 3)) + 0.8 * ramp).astype(np.float32)
+    kw = dict(model=model, task="defocus", tile_size=64, overlap=8, device="cpu", streams=1)
+    windows = [False, 16, 32]
+    alone = {w: deblur(img, tlc=w, **kw) for w in windows}
+    assert np.abs(alone[16] - alone[False]).max() > 1e-4  # the windows really differ
+    results, errors = {}, []
+
+    def work(w, k):
+        try:
+            results[(w, k)] = deblur(img, tlc=w, **kw)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(w, k)) for k in range(2) for w in windows]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for (w, _), out in results.items():
+        np.testing.assert_allclose(out, alone[w], rtol=0, atol=1e-6)
+    assert all(b.local_pool is None for b in model.modules() if hasattr(b, "local_pool"))
+
+
 def test_tile_defaults_follow_device_and_training_patch(identity_model):
     img = np.zeros((40, 40), np.float32)
     _, info = deblur(img, model=identity_model, device="cpu", return_info=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -423,6 +424,8 @@ def deblur(
         window = int(tlc)
     else:
         raise ValueError(f"tlc must be True, False or a window size in pixels (> 0), got {tlc!r}")
+    if window is not None and window >= tile:
+        window = None  # a window spanning every tile is the global pooling
     if precision == _AUTO:
         precision = AUTO_PRECISION.get(dev.type, "fp32")
     settings = dict(net=net, dev=dev, task=task, routing=routing, tile=tile, ovl=ovl, batch=batch, streams=streams, bgr=bgr,
@@ -509,14 +512,41 @@ def _tile_reader(plane: np.ndarray, chans: list[int], mode: str, s: dict):
     return read
 
 
+_POOLING = threading.Condition()
+_pooling_users: dict[int, list] = {}  # id(model) -> [window, calls using it]
+
+
+@contextlib.contextmanager
+def _local_pooling(net: DeMoE, window: int | None):
+    """Set the network's pooling window for the calls inside, and reset it after the last.
+
+    The window is a setting of the model, which concurrent calls share (dask
+    chunks, a GUI worker next to a script): calls that want the same window
+    run together; a call that wants another waits until they are done.
+    """
+    key = id(net)
+    with _POOLING:
+        while key in _pooling_users and _pooling_users[key][0] != window:
+            _POOLING.wait()
+        entry = _pooling_users.setdefault(key, [window, 0])
+        if entry[1] == 0:
+            net.set_local_pooling(window)
+        entry[1] += 1
+    try:
+        yield
+    finally:
+        with _POOLING:
+            entry[1] -= 1
+            if entry[1] == 0:
+                net.set_local_pooling(None)
+                del _pooling_users[key]
+                _POOLING.notify_all()
+
+
 def _deblur_numpy(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Restore a ``(..., H, W, C)`` array; the network's pooling mode is set for the call only."""
-    s["net"].set_local_pooling(s["tlc_window"])
-    try:
-        with _tile_streams(s["streams"]) as pool:
-            return _deblur_planes(moved, s, progress, fixed_probs, pool)
-    finally:
-        s["net"].set_local_pooling(None)
+    with _local_pooling(s["net"], s["tlc_window"]), _tile_streams(s["streams"]) as pool:
+        return _deblur_planes(moved, s, progress, fixed_probs, pool)
 
 
 def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray | None,
@@ -649,5 +679,6 @@ def _route_crop(crop: np.ndarray, s: dict) -> np.ndarray:
     """Routing probabilities of a ``(H, W, C)`` crop, estimated as for a whole image."""
     chans, mode = _jobs(crop.shape[-1], s["net"].img_channel, s["bgr"])[0]
     read = _tile_reader(crop, chans, mode, s)
-    return _route_image(s["net"], s["dev"], read, crop.shape[0], crop.shape[1], s["tile"], s["multiple"],
-                        batch=s["batch"])
+    with _local_pooling(s["net"], s["tlc_window"]):  # the pooling the chunks are restored with
+        return _route_image(s["net"], s["dev"], read, crop.shape[0], crop.shape[1], s["tile"], s["multiple"],
+                            batch=s["batch"])
