@@ -27,7 +27,7 @@ DEFAULT_TILE = {"cpu": 256, "mps": 512, "cuda": 512}
 #: 20-27 % slower there, benchmarks/batch_size.py); a GPU wants many.
 DEFAULT_BATCH = {"cpu": 1, "mps": 8, "cuda": 16}
 #: Default tile streams (tiles computed at once in parallel threads, torch's CPU threads
-#: shared among them): on two cores, bare tiles in two one-thread streams ran 1.45-1.58x
+#: shared among them): on two cores, bare tiles in two one-thread streams ran 1.25-1.78x
 #: as fast as in one two-thread stream, deblur() 0.96-1.25x (benchmarks/efficiency.py, README);
 #: GPUs run one stream of big batches.
 DEFAULT_STREAMS = {"cpu": 2}
@@ -312,7 +312,7 @@ def deblur(
         Network calls run at once in parallel threads, torch's CPU threads shared
         among them (default 2 on a CPU with at least two threads, else 1; meant
         for CPUs). On two cores, two one-thread streams ran 0.96-1.25x as fast
-        as one two-thread stream (bare tiles: 1.45-1.58x). While they run, threads that start using torch
+        as one two-thread stream (bare tiles: 1.25-1.78x). While they run, threads that start using torch
         get a stream's share of threads. On CUDA each stream halves its own
         batch on out-of-memory.
     bgr : bool
