@@ -381,15 +381,12 @@ def test_tlc_default_acts_on_tiles_larger_than_the_patch(default_model, blurred_
     assert np.abs(default.astype(int) - deblur(blurry, tlc=False, **kw).astype(int)).max() > 0
 
 
-def test_local_converter_is_per_call_under_concurrency():
+def test_local_converter_is_per_call_under_concurrency(tiny_model):
     """Calls on one model from several threads (dask chunks, a GUI worker) each get their own
     pooling: one call must not switch another's local converter on or off halfway."""
     import threading
 
-    from demoe import DeMoE
-    from tests.conftest import randomize
-
-    model = randomize(DeMoE(width=4, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1]), seed=3)
+    model = tiny_model
     ramp = np.linspace(0, 1, 192, dtype=np.float32)[None, :, None]  # local means differ from the tile's
     img = (0.2 * np.random.default_rng(0).random((192, 192, 3)) + 0.8 * ramp).astype(np.float32)
     kw = dict(model=model, task="defocus", tile_size=64, overlap=8, device="cpu", streams=1)
