@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 
 import cv2
@@ -198,6 +199,38 @@ def test_router_only_trains_the_router_alone(tmp_path):
               progress=False)
 
 
+def test_ema_weights_are_exported_and_survive_resume(tmp_path):
+    import torch
+
+    from conftest import randomize
+    from demoe import DeMoE, load_model, save_model
+    from demoe.train import TrainConfig, train
+
+    start = randomize(DeMoE(width=4, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1]), seed=4)
+    init = save_model(start, tmp_path / "init.safetensors")
+    cfg = TrainConfig(init=str(init), freeze_encoder=True, ema=0.5, patch=32, batch=2, workers=0, steps=1,
+                      warmup=1, out=str(tmp_path / "ema"), lr=1e-2)
+    w0 = start.state_dict()
+
+    def raw_weights():
+        return torch.load(tmp_path / "ema" / "last.pt", weights_only=True)["params"]
+
+    exported = load_model(train(cfg, progress=False), device="cpu").state_dict()
+    w1 = raw_weights()
+    key = "ending.weight"
+    assert not torch.equal(w1[key], w0[key])
+    buffers = {k for k, _ in start.named_buffers()}
+    assert buffers
+    for k in w0:  # one step at decay 0.5: halfway between the start and the trained weights
+        torch.testing.assert_close(exported[k], w1[k] if k in buffers else 0.5 * w0[k] + 0.5 * w1[k])
+    assert torch.equal(exported["intro.weight"], w0["intro.weight"])  # frozen stays put
+
+    resumed = load_model(train(dataclasses.replace(cfg, steps=2), progress=False), device="cpu").state_dict()
+    w2 = raw_weights()
+    assert not torch.equal(w2[key], w1[key])
+    torch.testing.assert_close(resumed[key], 0.5 * exported[key] + 0.5 * w2[key])
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--router-only"], "router_only needs --init"),
     (["--loss", "l2"], "loss must be 'psnr' or 'l1'"),
@@ -206,6 +239,7 @@ def test_router_only_trains_the_router_alone(tmp_path):
     (["--photos", "no/such/folder"], "image folder not found: no/such/folder"),
     (["--init", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
     (["--top-k", "6"], "top_k must be between 1 and num_exp"),
+    (["--ema", "1"], "ema must be in [0, 1)"),
     (["--config", "no_such.toml"], "no_such.toml"),
 ])
 def test_train_bad_options_get_one_line_and_create_nothing(tmp_path, capsys, extra, message):

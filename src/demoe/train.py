@@ -64,6 +64,7 @@ class TrainConfig:
     grad_clip: float = 0.5
     loss: str = "psnr"  # or "l1"
     router_weight: float = 0.1
+    ema: float = 0.0  # decay of an exponential moving average of the weights, exported instead (0 = off)
     amp: str = "none"  # or "bf16" (autocast on CUDA)
     seed: int = 0
     device: str | None = None
@@ -107,6 +108,8 @@ class TrainConfig:
             raise ValueError("photo_fraction and pair_fraction must be between 0 and 1")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1) (a decay such as 0.999; 0 turns it off), got {self.ema}")
         if self.router_only and not self.init:
             raise ValueError("router_only needs --init: a router alone cannot be trained on an untrained encoder")
         if self.init and not Path(self.init).is_file():
@@ -214,11 +217,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.9))
 
+    # The moving average starts from the initial weights and follows the trained ones;
+    # frozen parameters stay put and buffers (batch-norm statistics) are the model's own.
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.ema else None
+
     step, record = 0, {"wall_time_s": 0.0, "sessions": []}
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["params"])
         opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema = {k: v.to(device) for k, v in state.get("ema", state["params"]).items()}
         step, record = int(state["step"]), json.loads(state["record"])
         print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
 
@@ -235,9 +244,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     def save_checkpoint():
         record["steps"] = step
-        torch.save({"params": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "record": json.dumps(record), "config": json.dumps(dataclasses.asdict(cfg))},
-                   out / "last.tmp")
+        state = {"params": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "record": json.dumps(record), "config": json.dumps(dataclasses.asdict(cfg))}
+        if ema is not None:
+            state["ema"] = ema
+        torch.save(state, out / "last.tmp")
         (out / "last.tmp").replace(ckpt_path)
 
     if cfg.init and "init" not in record:
@@ -283,6 +294,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if p.requires_grad:
+                        ema[name].lerp_(p.detach(), 1 - cfg.ema)
+                for name, b in model.named_buffers():  # the router's batch-norm statistics
+                    ema[name].copy_(b)
         step += 1
         acc = float((logits.argmax(1) == label).float().mean())
         gain = 0.0 if pred is None else batch_psnr(pred.detach(), sharp) - batch_psnr(blurry, sharp)
@@ -311,6 +329,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     # deblur() sizes its tiles from the patch the restoration was trained on; training the
     # router alone (on any patch size) does not change it.
     patch = int(init_meta.get("patch_size") or cfg.patch) if cfg.router_only else cfg.patch
+    if ema is not None:
+        model.load_state_dict(ema)  # last.pt keeps the raw weights for resuming
     return export(model, out / "model.safetensors", cfg, record, patch)
 
 
