@@ -17,6 +17,7 @@ import torch
 from . import tiling
 from .checkpoint import load_model, resolve_device
 from .model import TASKS, DeMoE
+from .tasks import task_index
 
 _AUTO = "auto"
 #: Percentiles for robust normalisation of 16-bit, integer and out-of-range float data.
@@ -376,8 +377,8 @@ def deblur(
     arr, is_dask = _check_image(image)
     if task == _AUTO:
         task = None
-    if task is not None and task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid tasks are: auto, {', '.join(TASKS)}")
+    if task is not None:
+        task_index(task, auto=True)
     if routing not in ("image", "tile"):
         raise ValueError(f"routing must be 'image' or 'tile', got {routing!r}")
     if precision != _AUTO and precision not in _DTYPES:

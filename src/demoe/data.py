@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .degrade import GENERATORS
-from .tasks import TASKS
+from .tasks import TASKS, task_index
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 
@@ -157,16 +157,14 @@ class PairFolder(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, folder: str | Path, task: str, patch: int = 128, seed: int = 0):
-        folder = Path(folder)
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; valid tasks are: {', '.join(TASKS)}")
+        folder, label = Path(folder), task_index(task)
         blurry = {p.name: p for p in list_images([folder / "blurry"])}
         sharp = {p.name: p for p in list_images([folder / "sharp"])}
         names = sorted(set(blurry) & set(sharp), key=natural_key)
         if not names:
             raise ValueError(f"{folder}: no matching file names in blurry/ and sharp/")
         self.pairs = [(read_rgb(blurry[n]), read_rgb(sharp[n])) for n in names]
-        self.label, self.patch, self.seed = TASKS.index(task), patch, seed
+        self.label, self.patch, self.seed = label, patch, seed
 
     def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()

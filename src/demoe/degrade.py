@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .tasks import TASKS
+from .tasks import TASKS, task_index
 
 #: Display gamma used to move between stored (sRGB-like) and linear intensity.
 GAMMA = 2.2
@@ -328,8 +328,7 @@ def degrade(sharp: np.ndarray, task: str, rng: np.random.Generator | int | None 
     >>> pair.blurry.shape, pair.task
     ((64, 64, 3), 'defocus')
     """
-    if task not in GENERATORS:
-        raise ValueError(f"unknown task {task!r}; valid tasks are: {', '.join(TASKS)}")
+    task_index(task)
     return GENERATORS[task](sharp, np.random.default_rng(rng), **options)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tasks import TASKS
+from .tasks import TASKS, task_index
 
 
 class LayerNorm2d(nn.Module):
@@ -298,10 +298,7 @@ class DeMoE(nn.Module):
         """Expert index of ``task``; None for automatic routing."""
         if task is None or task == "auto":
             return None
-        if task not in TASKS[: self.num_exp]:
-            valid = ", ".join(["auto", *TASKS[: self.num_exp]])
-            raise ValueError(f"unknown task {task!r}; valid tasks are: {valid}")
-        return TASKS.index(task)
+        return task_index(task, TASKS[: self.num_exp], auto=True)
 
     def mixing_weights(self, probs: torch.Tensor) -> torch.Tensor:
         """Keep the top ``k_used`` routing weights of every row, renormalised."""

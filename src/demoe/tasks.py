@@ -9,6 +9,19 @@ TASKS: tuple[str, ...] = (
     "low_light",
 )
 
+
+def task_index(task: str, tasks: tuple[str, ...] = TASKS, auto: bool = False) -> int:
+    """Index of ``task`` in ``tasks``; ValueError naming the valid ones otherwise.
+
+    ``auto=True`` lists "auto" among them (for callers that accept automatic routing
+    and have handled it before asking).
+    """
+    if task not in tasks:
+        valid = ", ".join(["auto", *tasks] if auto else tasks)
+        raise ValueError(f"unknown task {task!r}; valid tasks are: {valid}")
+    return tasks.index(task)
+
+
 #: Readable names for user interfaces.
 TASK_LABELS: dict[str, str] = {
     "defocus": "Defocus",

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .checkpoint import model_from_state_dict, read_checkpoint, resolve_device, save_model
 from .model import TASKS, DeMoE
+from .tasks import task_index
 
 
 @dataclass
@@ -121,8 +122,10 @@ class TrainConfig:
             folder, _, task = spec.rpartition(":")
             if not folder:
                 raise ValueError(f"--pairs takes FOLDER:TASK, got {spec!r}")
-            if task not in TASKS:
-                raise ValueError(f"--pairs {spec!r}: unknown task {task!r}; valid tasks are: {', '.join(TASKS)}")
+            try:
+                task_index(task)
+            except ValueError as err:
+                raise ValueError(f"--pairs {spec!r}: {err}") from None
             for sub in ("blurry", "sharp"):
                 if not (Path(folder) / sub).is_dir():
                     raise FileNotFoundError(f"--pairs {spec!r}: folder {Path(folder) / sub} not found")
