@@ -59,7 +59,7 @@ img = np.ascontiguousarray(np.tile(base, (reps, reps, 1))[:side, :side])
 model = demoe.load_model(device="cpu")
 tile, batch = DEFAULT_TILE["cpu"], DEFAULT_BATCH["cpu"]  # deblur()'s defaults, used by every path
 warm = img[:tile, :tile]
-result = {"mode": mode, "mp": side * side / 1e6}
+result = {"mode": mode, "mp": side * side / 1e6, "patch": model.metadata.get("patch_size")}
 
 
 def forward_tiles(x, size, streams=1, **kw):
@@ -114,7 +114,14 @@ def path(name):
     if name == "monai":
         return monai_path()
     kw = {"deblur_tlc": {"tlc": 192}, "deblur_1s": {"streams": 1}}.get(name, {})
-    return (lambda: demoe.deblur(img, model=model, **kw)), side * side / 1e6
+
+    def run():
+        infos[name] = demoe.deblur(img, model=model, return_info=True, **kw)[1]
+
+    return run, side * side / 1e6
+
+
+infos = {}  # deblur()'s info of each deblur path's last run
 
 
 if mode in ("single", "race"):
@@ -132,11 +139,9 @@ if mode in ("single", "race"):
     result["paths"] = {n: {"mp": runs[n][1], "seconds": sorted(times[n])[len(times[n]) // 2], "all": times[n]}
                        for n in names}
     if "deblur" in names:
-        from demoe import tiling
-        _, info = demoe.deblur(img[:1024, :1024], model=model, return_info=True)
-        plan = tiling.plan_axis(side, tile, tile // 8, model.padder_size)  # the planner may shrink the tile
-        result.update(tile=tile, planned_tile=plan.tile, overlap=tile // 8, task=info["task"],
-                      tiles=plan.count**2, computed=(plan.count * plan.tile / side) ** 2)
+        info = infos["deblur"]
+        result.update(tile=info["tile_size"], planned_tile=info["tile_shape"][0], overlap=info["overlap"],
+                      task=info["task"], tiles=info["tiles"], computed=info["computed"])
 elif mode == "experts":
     k = int(arg)
     model.k_used = k
@@ -213,7 +218,8 @@ def plot(bars: list[tuple[str, dict]], path: Path, subtitle: str) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mp", type=float, default=4.0, help="image size in megapixels")
-    parser.add_argument("--bare-sizes", nargs="*", type=int, default=[128, 256, 384, 512])
+    parser.add_argument("--bare-sizes", nargs="*", type=int, default=[128, 256, 384, 512],
+                        help="bare tile sizes (deblur()'s own tile size is always added)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the speed race")
     parser.add_argument("--race-sizes", nargs="*", type=int, default=[256, 384],
                         help="bare tile sizes in the speed race (the others: one run each)")
@@ -229,7 +235,9 @@ def main(argv=None):
         print("MONAI is not installed (pip install monai): its rows are skipped", file=sys.stderr)
 
     t_start = time.perf_counter()
-    bare_names = [f"bare{size}" for size in args.bare_sizes]
+    # deblur()'s own tile size is always among them: the streams row is compared with it.
+    bare_sizes = sorted(set(args.bare_sizes) | {DEFAULT_TILE_CPU})
+    bare_names = [f"bare{size}" for size in bare_sizes]
     streams = DEFAULT_STREAMS_CPU
     bare_streams = f"bare{DEFAULT_TILE_CPU}x{streams}"  # the bare forward run as deblur() runs tiles
     extra = [bare_streams, "deblur_1s"] if streams > 1 else []
@@ -247,7 +255,7 @@ def main(argv=None):
         return {"mp": src["mp"], "seconds": src["seconds"], "mp_per_s": src["mp"] / src["seconds"],
                 "peak_rss_gb": single[n]["peak_rss_gb"], "raced": n in race["paths"]}
 
-    bare = [{**row(n), "size": size} for n, size in zip(bare_names, args.bare_sizes)]
+    bare = [{**row(n), "size": size} for n, size in zip(bare_names, bare_sizes)]
     ours, ours_tlc = {**row("deblur"), **{k: race[k] for k in ("tile", "planned_tile", "overlap", "tiles", "computed", "task")}}, row("deblur_tlc")
     monai_row = row("monai") if have_monai else None
     bare_s, ours_1s = (row(bare_streams), row("deblur_1s")) if extra else (None, None)
@@ -271,28 +279,29 @@ def main(argv=None):
         "| path | MP/s | peak RSS (GB) | notes |",
         "|---|---|---|---|",
     ]
-    for r in bare:
-        lines.append(f"| bare forward, {r['size']} px tiles | {r['mp_per_s']:.3f}{'' if r['raced'] else '*'} | "
-                     f"{r['peak_rss_gb']:.2f} | "
-                     "non-overlapping, float32 in, no conversion |")
-    if extra:
-        lines.append(f"| bare forward, {DEFAULT_TILE_CPU} px tiles, {streams} streams | {bare_s['mp_per_s']:.3f} | "
-                     f"{bare_s['peak_rss_gb']:.2f} | as above, {streams} tiles at once in {streams} threads sharing "
-                     "torch's threads (deblur()'s CPU default) |")
-    lines.append(f"| **deblur()** | **{ours['mp_per_s']:.3f}** | **{ours['peak_rss_gb']:.2f}** | "
-                 f"{ours['tiles']} x {ours['planned_tile']} px tiles (asked for {ours['tile']}; the planner fits "
-                 f"them to the image), overlap {ours['overlap']}, {ours['computed']:.2f}x the image's pixels, "
-                 "auto routing "
-                 f"({ours['task']}), uint8 in/out, all defaults |")
-    lines.append(f"| deblur(tlc=192) | {ours_tlc['mp_per_s']:.3f} | {ours_tlc['peak_rss_gb']:.2f} | "
-                 "the same with the local converter at a 192 px window, inside the tiles "
-                 "(the default window, the 256 px training patch, spans whole CPU tiles: no effect) |")
-    if extra:
-        lines.append(f"| deblur(streams=1) | {ours_1s['mp_per_s']:.3f} | {ours_1s['peak_rss_gb']:.2f} | "
-                     "one tile at a time on all torch threads |")
-    if monai_row:
-        lines.append(f"| MONAI sliding_window_inference | {monai_row['mp_per_s']:.3f} | {monai_row['peak_rss_gb']:.2f} | "
-                     f"{ours['tile']} px window, overlap 0.25, gaussian, same tiles per batch |")
+    # (row, label, notes) in table order; the plot shows the same rows. None: not run here.
+    entries = [(r, f"bare forward, {r['size']} px tiles", "non-overlapping, float32 in, no conversion") for r in bare]
+    entries += [
+        (bare_s, f"bare forward, {DEFAULT_TILE_CPU} px tiles, {streams} streams",
+         f"as above, {streams} tiles at once in {streams} threads sharing torch's threads (deblur()'s CPU default)"),
+        (ours, "deblur()",
+         f"{ours['tiles']} x {ours['planned_tile']} px tiles (asked for {ours['tile']}; the planner fits them to "
+         f"the image), overlap {ours['overlap']}, {ours['computed']:.2f}x the image's pixels, auto routing "
+         f"({ours['task']}), uint8 in/out, all defaults"),
+        (ours_tlc, "deblur(tlc=192)",
+         "the same with the local converter at a 192 px window, inside the tiles (the default window is the "
+         f"{race['patch'] or 256} px training patch"
+         + (f", which spans whole {ours['planned_tile']} px tiles: no effect)"
+            if (race["patch"] or 256) >= ours["planned_tile"] else ")")),
+        (ours_1s, "deblur(streams=1)", "one tile at a time on all torch threads"),
+        (monai_row, "MONAI sliding_window_inference",
+         f"{ours['tile']} px window, overlap 0.25, gaussian, same tiles per batch"),
+    ]
+    entries = [e for e in entries if e[0] is not None]
+    for r, label, notes in entries:
+        b = "**" if r is ours else ""
+        lines.append(f"| {b}{label}{b} | {b}{r['mp_per_s']:.3f}{'' if r['raced'] else '*'}{b} | "
+                     f"{b}{r['peak_rss_gb']:.2f}{b} | {notes} |")
     lines += [
         "",
         f"- Efficiency, deblur() / fastest bare tiles in the race ({best['size']} px): "
@@ -316,14 +325,7 @@ def main(argv=None):
         seam_line += f", MONAI {seams_monai['psnr']:.1f} dB"
     lines.append(seam_line + " (higher is more seam-free).")
     save_report(lines, args.out)
-    bars = [(f"bare forward, {r['size']} px tiles", r) for r in bare]
-    if extra:
-        bars.append((f"bare forward, {DEFAULT_TILE_CPU} px, {streams} streams", bare_s))
-    bars += [("deblur() (default)", ours), ("deblur(tlc=192)", ours_tlc)]
-    if extra:
-        bars.append(("deblur(streams=1)", ours_1s))
-    if monai_row:
-        bars.append(("MONAI sliding_window_inference", monai_row))
+    bars = [(label, r) for r, label, _ in entries]
     plot(bars, Path(args.out).with_suffix(".png"), f"{args.mp:g} MP RGB uint8, {platform.machine()} CPU, "
          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     print(json.dumps({"bare": bare, "bare_streams": bare_s, "deblur_1s": ours_1s, "deblur": ours, "monai": monai_row, "sparse": sparse, "dense": dense,

@@ -38,11 +38,8 @@ demoe.deblur(img[:256, :256], model=model)  # warm-up
 t0 = time.perf_counter()
 if mode == "tiled":
     out, info = demoe.deblur(img, model=model, return_info=True)
-    from demoe.tiling import plan_axis  # the planner may shrink the asked-for tile to fit the image
-
-    plan = plan_axis(side, info["tile_size"], info["overlap"], model.padder_size)
-    extra = {"tile_size": plan.tile, "overlap": info["overlap"], "tiles": info["tiles"],
-             "computed": (plan.count * plan.tile / side) ** 2}
+    extra = {"tile_size": info["tile_shape"][0], "overlap": info["overlap"], "tiles": info["tiles"],
+             "computed": info["computed"]}
 else:  # one whole pass of the network, no tiling
     x = torch.from_numpy(img.transpose(2, 0, 1)[None].astype(np.float32) / 255)
     with torch.inference_mode():

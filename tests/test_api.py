@@ -47,6 +47,17 @@ def test_float_in_unit_range_is_not_rescaled(identity_model):
     np.testing.assert_allclose(out, img, atol=1e-6)
 
 
+def test_info_reports_the_tiles_the_network_saw(identity_model):
+    shapes = []
+    identity_model.register_forward_hook(lambda mod, args, out: shapes.extend([args[0].shape[-2:]] * len(args[0])))
+    img = np.zeros((150, 230, 3), np.uint8)
+    _, info = deblur(img, model=identity_model, task="defocus", tile_size=128, overlap=16, return_info=True,
+                     device="cpu")
+    assert info["tiles"] == len(shapes) and set(shapes) == {tuple(info["tile_shape"])}
+    assert tuple(info["tile_shape"]) != (128, 128)  # the planner shrank the asked-for tile to fit
+    assert info["computed"] == pytest.approx(sum(h * w for h, w in shapes) / (150 * 230))
+
+
 def test_twelve_bit_in_uint16_uses_percentiles(identity_model):
     img = np.random.default_rng(0).integers(0, 4096, (30, 30), dtype=np.uint16)
     _, info = deblur(img, model=identity_model, return_info=True, device="cpu")

@@ -323,7 +323,11 @@ def deblur(
         every batch and may raise to cancel.
     return_info : bool
         Also return a dict: routing probabilities per task, the task used,
-        tiles, device, precision, tile size, overlap, batch size, streams, seconds.
+        tiles, device, precision, tile size, overlap, batch size, streams, seconds;
+        for numpy input also ``tile_shape`` (the tiles actually used: the planner
+        may shrink ``tile_size`` to fit the image) and ``computed`` (pixels the
+        network computed per image pixel, the cost of overlap and margins; None
+        for dask input).
     preserve_mean : bool, optional
         Shift every restored plane back to its input's mean intensity, so a
         deblur never re-exposes the data. Default: on, except when the
@@ -559,8 +563,8 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
     if c == 4 and net.img_channel == 3:
         out[..., 3] = planes[..., 3]
     jobs = _jobs(c, net.img_channel, s["bgr"])
-    per_plane = tiling.num_tiles(h, w, s["tile"], s["ovl"], s["multiple"])
-    total = per_plane * len(jobs) * len(planes)
+    plan = tiling.plan_summary(h, w, s["tile"], s["ovl"], s["multiple"])
+    total = plan["tiles"] * len(jobs) * len(planes)
     report = _progress(progress, total)
     scale = np.float32(1.0 / (s["hi"] - s["lo"]))
     probs_all = []
@@ -594,7 +598,7 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
     if report is not None:
         report.close()
     info = _routing_info(s["task"], probs_all, net)
-    info["tiles"] = total
+    info.update(tiles=total, tile_shape=plan["tile_shape"], computed=plan["computed"])
     return out.reshape(moved.shape), info
 
 
@@ -658,7 +662,7 @@ def _deblur_dask(moved, s: dict):
         _check_finite(crop)
         probs = _route_crop(crop, s)
     info = _routing_info(s["task"], [] if probs is None else [probs], net)
-    info["tiles"] = None  # computed lazily
+    info.update(tiles=None, tile_shape=None, computed=None)  # planned per chunk, lazily
     margin = 2 * s["ovl"] + s["multiple"]  # context each chunk borrows from its neighbours
     depth = {i: 0 for i in range(moved.ndim)}
     depth[moved.ndim - 3] = min(margin, h)  # dask refuses a depth beyond the array

@@ -90,6 +90,15 @@ def num_tiles(height: int, width: int, tile: int, overlap: int, multiple: int = 
     return plan_axis(height, tile, overlap, multiple).count * plan_axis(width, tile, overlap, multiple).count
 
 
+def plan_summary(height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> dict:
+    """What tiling a ``height`` x ``width`` plane costs: the tile shape the planner
+    chose (it may shrink the asked-for tile to fit), the tile count, and ``computed``,
+    the pixels the tiles hold per image pixel (the price of overlap and margins)."""
+    ay, ax = plan_axis(height, tile, overlap, multiple), plan_axis(width, tile, overlap, multiple)
+    return {"tile_shape": (ay.tile, ax.tile), "tiles": ay.count * ax.count,
+            "computed": ay.count * ay.tile * ax.count * ax.tile / (height * width)}
+
+
 def stitch(
     read: Callable[[np.ndarray, np.ndarray], np.ndarray],
     fn: Callable[[np.ndarray], np.ndarray],
