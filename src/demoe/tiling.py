@@ -86,10 +86,6 @@ def reflect_index(idx: np.ndarray, length: int) -> np.ndarray:
     return np.where(i >= length, period - i, i)
 
 
-def num_tiles(height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> int:
-    return plan_axis(height, tile, overlap, multiple).count * plan_axis(width, tile, overlap, multiple).count
-
-
 def plan_summary(height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> dict:
     """What tiling a ``height`` x ``width`` plane costs: the tile shape the planner
     chose (it may shrink the asked-for tile to fit), the tile count, and ``computed``,
@@ -97,6 +93,10 @@ def plan_summary(height: int, width: int, tile: int, overlap: int, multiple: int
     ay, ax = plan_axis(height, tile, overlap, multiple), plan_axis(width, tile, overlap, multiple)
     return {"tile_shape": (ay.tile, ax.tile), "tiles": ay.count * ax.count,
             "computed": ay.count * ay.tile * ax.count * ax.tile / (height * width)}
+
+
+def num_tiles(height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> int:
+    return plan_summary(height, width, tile, overlap, multiple)["tiles"]
 
 
 def stitch(
