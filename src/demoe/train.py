@@ -217,12 +217,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         for name, p in model.named_parameters():
             if not name.startswith(trained):
                 p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = list(trained.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.9))
 
-    # The moving average starts from the initial weights and follows the trained ones;
-    # frozen parameters stay put and buffers (batch-norm statistics) are the model's own.
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.ema else None
+    # The moving average of the trained parameters, from their initial values; frozen
+    # parameters and buffers (batch-norm statistics) are taken from the model on export.
+    ema = {name: p.detach().clone() for name, p in trained.items()} if cfg.ema else None
 
     step, record = 0, {"wall_time_s": 0.0, "sessions": []}
     if ckpt_path.is_file():
@@ -230,7 +231,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         model.load_state_dict(state["params"])
         opt.load_state_dict(state["optimizer"])
         if ema is not None:
-            ema = {k: v.to(device) for k, v in state.get("ema", state["params"]).items()}
+            saved = state.get("ema", state["params"])
+            ema = {name: saved[name].to(device) for name in ema}
         step, record = int(state["step"]), json.loads(state["record"])
         print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
 
@@ -299,11 +301,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         opt.step()
         if ema is not None:
             with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if p.requires_grad:
-                        ema[name].lerp_(p.detach(), 1 - cfg.ema)
-                for name, b in model.named_buffers():  # the router's batch-norm statistics
-                    ema[name].copy_(b)
+                for name, p in trained.items():
+                    ema[name].lerp_(p.detach(), 1 - cfg.ema)
         step += 1
         acc = float((logits.argmax(1) == label).float().mean())
         gain = 0.0 if pred is None else batch_psnr(pred.detach(), sharp) - batch_psnr(blurry, sharp)
@@ -333,7 +332,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     # router alone (on any patch size) does not change it.
     patch = int(init_meta.get("patch_size") or cfg.patch) if cfg.router_only else cfg.patch
     if ema is not None:
-        model.load_state_dict(ema)  # last.pt keeps the raw weights for resuming
+        model.load_state_dict({**model.state_dict(), **ema})  # last.pt keeps the raw weights for resuming
     return export(model, out / "model.safetensors", cfg, record, patch)
 
 
