@@ -107,6 +107,30 @@ def test_synthetic_stream(sharp):
     torch.testing.assert_close(again[0], samples[0][0])
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="the hang needs fork-started workers")
+def test_synthetic_stream_in_forked_workers_after_opencv_and_torch_ran_threaded():
+    """A user's own DataLoader over SyntheticPairs, after OpenCV and torch already used
+    their thread pools here: OpenCV's pool, resized inside a forked worker, hung about
+    every second start. Five fresh workers; a hang fails after the loader's timeout."""
+    import cv2
+
+    threads = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        big = np.random.default_rng(0).random((1500, 1500, 3), dtype=np.float32)
+        for _ in range(3):
+            cv2.GaussianBlur(big, (31, 31), 5)
+        torch.nn.functional.conv2d(torch.rand(2, 16, 256, 256), torch.rand(16, 16, 3, 3))
+        ds = SyntheticPairs([big[:400, :400]], patch=64, seed=3)
+        for start in range(5):
+            loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, timeout=60,
+                                                 multiprocessing_context="fork")
+            batches = [b for _, b in zip(range(2), loader)]
+            assert [tuple(b[0].shape) for b in batches] == [(4, 3, 64, 64)] * 2
+    finally:
+        cv2.setNumThreads(threads)
+
+
 def test_pair_folder(tmp_path):
     import cv2
 

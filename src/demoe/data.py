@@ -101,10 +101,18 @@ class SyntheticPairs(torch.utils.data.IterableDataset):
         Tasks to draw from (uniformly).
     seed : int
         Base seed; every worker gets its own stream.
+
+    Notes
+    -----
+    Creating the dataset makes OpenCV single-threaded in this process
+    (``cv2.setNumThreads(1)``). OpenCV's thread pool does not survive the fork
+    that starts a ``DataLoader`` worker: resizing it inside the worker can hang
+    for ever, so it has to be done here, before any worker exists.
     """
 
     def __init__(self, images: Sequence[np.ndarray], patch: int = 128, *, photo_fraction: float = 0.8,
                  tasks: Sequence[str] = TASKS, seed: int = 0, margin: int = 32):
+        cv2.setNumThreads(1)
         self.images = [im for im in images if min(im.shape[:2]) >= patch + 2 * margin]
         self.patch = patch
         self.photo_fraction = photo_fraction if self.images else 0.0
@@ -144,7 +152,6 @@ class SyntheticPairs(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        cv2.setNumThreads(1)
         rng = np.random.default_rng([self.seed, worker])
         while True:
             yield self.sample(rng)

@@ -169,12 +169,7 @@ def build_model(cfg: TrainConfig) -> tuple[DeMoE, dict]:
 
 
 def build_data(cfg: TrainConfig):
-    import cv2
-
     from .data import Mixed, PairFolder, SyntheticPairs, load_photos
-
-    # OpenCV's thread pool does not survive the DataLoader's fork: keep it single-threaded.
-    cv2.setNumThreads(1)
 
     photos = load_photos(cfg.photos, cfg.max_side) if cfg.photos else []
     stream = SyntheticPairs(photos, cfg.patch, photo_fraction=cfg.photo_fraction, seed=cfg.seed)
