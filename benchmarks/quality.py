@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 from skimage import data, filters, metrics, restoration
 
 import demoe
+from demoe.api import ENSEMBLES
 from demoe.degrade import degrade
 
 IMAGES = ["astronaut", "camera", "coffee", "chelsea", "rocket", "immunohistochemistry"]
@@ -87,7 +89,7 @@ def scores(restored, sharp):
     return psnr, ssim
 
 
-def run(model, seed0: int = 0, tlc: bool | int = True):
+def run(model, seed0: int = 0, tlc: bool | int = True, ensemble: int = 1):
     rows = []  # (image, task, method, psnr, ssim, mean_ratio)
     routed = []  # (true task, detected task)
     pictures = {}
@@ -96,10 +98,10 @@ def run(model, seed0: int = 0, tlc: bool | int = True):
             pair = degrade(sharp, task, rng=seed0 + 100 * i + t, noise=NOISE)
             blurry = pair.blurry
             results = {"blurry": blurry}
-            auto, info = demoe.deblur(blurry, model=model, return_info=True, tlc=tlc)
+            auto, info = demoe.deblur(blurry, model=model, return_info=True, tlc=tlc, ensemble=ensemble)
             results["demoe_auto"] = auto
             routed.append((task, info["task"]))
-            results["demoe_true_task"] = demoe.deblur(blurry, task=task, model=model, tlc=tlc)
+            results["demoe_true_task"] = demoe.deblur(blurry, task=task, model=model, tlc=tlc, ensemble=ensemble)
             if pair.psf is not None and pair.psf.size > 1:
                 results["richardson_lucy"] = deconvolve("richardson_lucy", blurry, pair.psf)
                 results["wiener"] = deconvolve("wiener", blurry, pair.psf)
@@ -202,23 +204,28 @@ def main(argv=None):
     parser.add_argument("--no-figures", action="store_true")
     parser.add_argument("--tlc", type=int, default=None, metavar="PX",
                         help="local converter window in pixels, 0 for off (default: deblur()'s, the training patch)")
+    parser.add_argument("--ensemble", type=int, default=1, choices=ENSEMBLES,
+                        help="deblur()'s geometric self-ensemble: copies of each tile averaged (default 1: off)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = demoe.load_model(args.model, device="cpu")
     t0 = time.time()
-    rows, routed, pictures = run(model, tlc=True if args.tlc is None else (args.tlc or False))
+    rows, routed, pictures = run(model, tlc=True if args.tlc is None else (args.tlc or False), ensemble=args.ensemble)
     clock = data.clock()
-    clock_out = demoe.deblur(clock, model=model)
+    clock_out = demoe.deblur(clock, model=model, ensemble=args.ensemble)
     elapsed = time.time() - t0
     text, gains = table(rows, routed)
     tlc_note = "" if args.tlc is None else f"; local converter window: {args.tlc or 'off'}"
+    if args.ensemble > 1:
+        tlc_note += f"; DeMoE with deblur(ensemble={args.ensemble}) (each tile and its flipped/transposed copies averaged)"
+    command = " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
     header = (f"# Quality benchmark\n\nModel: `{Path(getattr(model, 'source', 'default')).name}` "
               f"({model.config}, k={model.k_used}). Images: {', '.join(IMAGES)} (central {CROP} px crops), "
               f"each degraded by every task's generator (seed = 100*image + task) plus Gaussian noise "
               f"sigma={NOISE}{tlc_note}. Cells: PSNR (dB) / SSIM. Richardson-Lucy ({RL_ITERATIONS} iterations) and Wiener "
               f"(balance {WIENER_BALANCE}) get the true PSF and a reflect-padded image; n/a where the blur has no single PSF.\n\n"
-              f"Command: `python benchmarks/quality.py`; {platform.machine()} CPU, "
+              f"Command: `{command}`; {platform.machine()} CPU, "
               f"{time.strftime('%Y-%m-%d')}, {elapsed:.0f} s.\n\n")
     (out / "quality.md").write_text(header + text + "\n")
     print(header + text)

@@ -95,6 +95,34 @@ def test_channel_axis_first_and_none(identity_model):
     np.testing.assert_allclose(deblur(stack, model=identity_model, channel_axis=None, device="cpu"), stack, atol=1e-5)
 
 
+# -- self-ensemble --------------------------------------------------------------------------
+def test_ensemble_averages_the_restored_flips_and_transposes(tiny_model):
+    img = np.random.default_rng(4).random((32, 48, 3)).astype(np.float32)  # one tile, no padding
+
+    def run(x, ensemble, **kw):
+        kw.setdefault("task", "defocus")
+        return deblur(x, model=tiny_model, device="cpu", preserve_mean=False, ensemble=ensemble, return_info=True, **kw)
+
+    plain, info1 = run(img, 1)
+    flipped = run(img[:, ::-1], 1)[0][:, ::-1]
+    assert np.abs(plain - flipped).max() > 1e-3  # the network alone is not flip-symmetric
+    pair, info2 = run(img, 2)
+    np.testing.assert_allclose(pair, (plain + flipped) / 2, atol=1e-5)
+    assert info2["ensemble"] == 2 and info2["computed"] == pytest.approx(2 * info1["computed"])
+
+    # All eight views: the result no longer depends on which way up the image was.
+    swap = (1, 0, 2)
+    assert np.abs(plain - run(img.transpose(swap), 1)[0].transpose(swap)).max() > 1e-3
+    full = run(img, 8)[0]
+    np.testing.assert_allclose(run(img.transpose(swap), 8)[0].transpose(swap), full, atol=1e-5)
+    np.testing.assert_allclose(run(img[::-1, ::-1], 8)[0][::-1, ::-1], full, atol=1e-5)
+
+    # Automatic routing: every view takes the tile's own routing, so the routing is unchanged.
+    for routing in ("image", "tile"):
+        probs = [run(img, n, task=None, routing=routing)[1]["probabilities"] for n in (1, 4)]
+        assert probs[0] == pytest.approx(probs[1])
+
+
 # -- errors -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "image, kwargs, err, match",
@@ -116,6 +144,8 @@ def test_channel_axis_first_and_none(identity_model):
         (np.zeros((4, 4)), {"routing": "pixel"}, ValueError, "routing must be"),
         (np.zeros((4, 4)), {"normalize": "zscore"}, ValueError, "normalize must be"),
         (np.zeros((4, 4)), {"precision": "int8"}, ValueError, "precision must be one of auto, fp32"),
+        (np.zeros((4, 4)), {"ensemble": 3}, ValueError, "ensemble must be one of 1, 2, 4, 8"),
+        (np.zeros((4, 4)), {"ensemble": True}, ValueError, "ensemble must be one of 1, 2, 4, 8"),
     ],
 )
 def test_bad_input_clear_errors(identity_model, image, kwargs, err, match):

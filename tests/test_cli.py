@@ -62,6 +62,21 @@ def test_deblur_folder(folder, tmp_path, capsys):
     assert not list(out.rglob(".*partial*"))
 
 
+def test_deblur_ensemble_option(tmp_path, tiny_model, monkeypatch, capsys):
+    from demoe import deblur
+
+    img = np.random.default_rng(5).random((32, 40)).astype(np.float32)
+    np.save(tmp_path / "plane.npy", img)
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: tiny_model)
+    assert cli.main(["deblur", str(tmp_path / "plane.npy"), "-o", str(tmp_path / "out"), "-q", "--ensemble", "4"]) == 0
+    expected = deblur(img, model=tiny_model, device="cpu", ensemble=4)
+    assert np.abs(expected - deblur(img, model=tiny_model, device="cpu")).max() > 1e-4  # the option matters
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "plane_deblurred.npy"), expected, atol=1e-6)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["deblur", str(tmp_path / "plane.npy"), "--ensemble", "3"])
+    assert exc.value.code == 2 and "--ensemble: invalid choice: 3" in capsys.readouterr().err
+
+
 def test_existing_outputs_need_overwrite(folder, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["deblur", str(folder / "img2.png"), "-o", str(out), "-q"]

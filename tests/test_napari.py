@@ -92,6 +92,28 @@ def test_widget_adds_result_layer(make_napari_viewer, qtbot, use_model):
     assert viewer.layers["cells deblurred"].metadata["demoe"]["settings"]["task"] == "defocus"
 
 
+def test_widget_self_ensemble_setting(make_napari_viewer, qtbot, use_model):
+    viewer = make_napari_viewer()
+    widget = DeblurWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    img = np.random.default_rng(2).random((48, 40)).astype(np.float32)
+    viewer.add_image(img, name="plane")
+    assert widget.ensemble.native.isHidden()  # an advanced setting
+    widget.advanced.value = True
+    assert not widget.ensemble.native.isHidden()
+    widget.ensemble.value = 4
+    widget.run()
+    _wait(qtbot, widget)
+    out = viewer.layers["plane deblurred"]
+    assert out.metadata["demoe"]["ensemble"] == 4 and out.metadata["demoe"]["settings"]["ensemble"] == 4
+    four, _ = deblur_layer_data(img, rgb=False, settings=DeblurSettings(ensemble=4))
+    one, _ = deblur_layer_data(img, rgb=False, settings=DeblurSettings())
+    np.testing.assert_allclose(out.data, four, atol=1e-6)
+    assert np.abs(four - one).max() > 1e-4
+    widget.advanced.value = False  # hidden advanced settings are not applied
+    assert widget.settings().ensemble == 1
+
+
 def test_widget_processes_every_plane_and_rgb(make_napari_viewer, qtbot, use_model, identity_ckpt):
     viewer = make_napari_viewer()
     widget = DeblurWidget(viewer)

@@ -90,7 +90,7 @@ def run_deblur(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, device=args.device)
     kwargs = dict(task=None if args.task == "auto" else args.task, model=model, device=args.device,
-                  tile_size=args.tile_size, overlap=args.overlap)
+                  tile_size=args.tile_size, overlap=args.overlap, ensemble=args.ensemble)
     failed = skipped = 0
     bar = tqdm(plan, unit="image", desc="images", disable=args.quiet)
     for src, dest in bar:
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tile-size", type=int, metavar="N", help="tile size in pixels (default: by device)")
     d.add_argument("--overlap", type=int, metavar="N", help="tile overlap in pixels (default: tile/8)")
     d.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    d.add_argument("--ensemble", type=int, default=1, choices=[1, 2, 4, 8], metavar="N",
+                   help="average each tile restored in N orientations: 1, 2, 4 or 8 (N times slower; default 1)")
     d.add_argument("--suffix", default="_deblurred", help="added to output names (default: _deblurred)")
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     d.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")

@@ -38,6 +38,7 @@ class DeblurSettings:
     device: str | None = None  # None: automatic
     plane: tuple[int, ...] | None = None  # leading-axis index: process this plane only
     compute: bool = False  # compute a dask layer now instead of lazily
+    ensemble: int = 1  # orientations of every tile averaged (deblur's self-ensemble)
 
 
 _models: dict[tuple[str | None, str | None], Any] = {}
@@ -68,6 +69,7 @@ def deblur_layer_data(data, *, rgb: bool, settings: DeblurSettings, progress=Non
     out, info = demoe.deblur(data, task=None if settings.task == "auto" else settings.task, model=model,
                              channel_axis=-1 if rgb else None, tile_size=settings.tile_size,
                              overlap=settings.overlap, device=settings.device, progress=progress,
+                             ensemble=settings.ensemble,
                              return_info=True)
     if settings.compute and hasattr(out, "compute"):
         out = out.compute()
@@ -129,6 +131,8 @@ class DeblurWidget(Container):
         self.tile_size = SpinBox(label="Tile size", min=16, max=4096, step=16, value=256, visible=False, enabled=False)
         self.overlap = SpinBox(label="Overlap", min=0, max=1024, step=4, value=32, visible=False, enabled=False)
         self.device = ComboBox(label="Device", choices=["auto"], value="auto", visible=False)
+        self.ensemble = ComboBox(label="Self-ensemble", value=1, visible=False,
+                                 choices=[("Off", 1)] + [(f"{n} orientations ({n}x time)", n) for n in (2, 4, 8)])
         self.run_button = PushButton(text="Deblur")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
@@ -136,7 +140,7 @@ class DeblurWidget(Container):
         self.status = Label(label="", value="")
 
         self.extend([self.layer, self.task, self.model, self.checkpoint, self.scope, self.compute, self.advanced,
-                     self.auto_tiles, self.tile_size, self.overlap, self.device, self.run_button,
+                     self.auto_tiles, self.tile_size, self.overlap, self.device, self.ensemble, self.run_button,
                      self.cancel_button, self.progress, self.routing, self.status])
 
         self.model.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == CHECKPOINT))
@@ -176,7 +180,7 @@ class DeblurWidget(Container):
         return layer.ndim - 2  # napari's layer.ndim excludes the rgb channel axis
 
     def _toggle_advanced(self, on: bool):
-        for w in (self.auto_tiles, self.tile_size, self.overlap, self.device):
+        for w in (self.auto_tiles, self.tile_size, self.overlap, self.device, self.ensemble):
             w.visible = on
 
     def _find_devices(self):
@@ -218,6 +222,7 @@ class DeblurWidget(Container):
             overlap=int(self.overlap.value) if manual else None,
             device=None if self.device.value == "auto" else self.device.value,
             plane=plane, compute=bool(self.compute.value),
+            ensemble=int(self.ensemble.value) if self.advanced.value else 1,
         )
 
     # -- running -------------------------------------------------------------------
