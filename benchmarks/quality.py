@@ -216,14 +216,14 @@ def main(argv=None):
     clock_out = demoe.deblur(clock, model=model, ensemble=args.ensemble)
     elapsed = time.time() - t0
     text, gains = table(rows, routed)
-    tlc_note = "" if args.tlc is None else f"; local converter window: {args.tlc or 'off'}"
+    notes = "" if args.tlc is None else f"; local converter window: {args.tlc or 'off'}"
     if args.ensemble > 1:
-        tlc_note += f"; DeMoE with deblur(ensemble={args.ensemble}) (each tile and its flipped/transposed copies averaged)"
+        notes += f"; DeMoE with deblur(ensemble={args.ensemble}) (each tile and its flipped/transposed copies averaged)"
     command = " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
     header = (f"# Quality benchmark\n\nModel: `{Path(getattr(model, 'source', 'default')).name}` "
               f"({model.config}, k={model.k_used}). Images: {', '.join(IMAGES)} (central {CROP} px crops), "
               f"each degraded by every task's generator (seed = 100*image + task) plus Gaussian noise "
-              f"sigma={NOISE}{tlc_note}. Cells: PSNR (dB) / SSIM. Richardson-Lucy ({RL_ITERATIONS} iterations) and Wiener "
+              f"sigma={NOISE}{notes}. Cells: PSNR (dB) / SSIM. Richardson-Lucy ({RL_ITERATIONS} iterations) and Wiener "
               f"(balance {WIENER_BALANCE}) get the true PSF and a reflect-padded image; n/a where the blur has no single PSF.\n\n"
               f"Command: `{command}`; {platform.machine()} CPU, "
               f"{time.strftime('%Y-%m-%d')}, {elapsed:.0f} s.\n\n")
