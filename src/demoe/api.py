@@ -137,19 +137,20 @@ def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 # -- the network on tiles ------------------------------------------------------------------
 ENSEMBLES = (1, 2, 4, 8)  # geometric self-ensemble sizes: identity, + left-right flip, + all flips, + transposes
+_FLIPS = [(), (-1,), (-2,), (-1, -2)]  # view k flips these axes (after transposing, for k >= 4)
 
 
 def _view(x: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k``-th of the eight flips/transposes of an (N, C, H, W) batch (0 is ``x``)."""
     if k >= 4:
         x = x.transpose(-1, -2)
-    flips = [(), (-1,), (-2,), (-1, -2)][k % 4]
+    flips = _FLIPS[k % 4]
     return x.flip(flips) if flips else x
 
 
 def _unview(y: torch.Tensor, k: int) -> torch.Tensor:
     """Undo :func:`_view`: flips are their own inverses, applied before the transpose."""
-    flips = [(), (-1,), (-2,), (-1, -2)][k % 4]
+    flips = _FLIPS[k % 4]
     y = y.flip(flips) if flips else y
     return y.transpose(-1, -2) if k >= 4 else y
 

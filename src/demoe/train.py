@@ -208,9 +208,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     model, init_meta = build_model(cfg)
     model = model.to(device)
     if cfg.freeze_encoder or cfg.router_only:
-        trained = ("mlp_branch.",) if cfg.router_only else ("experts.", "mlp_branch.", "ups.", "decoders.", "ending.")
+        prefixes = ("mlp_branch.",) if cfg.router_only else ("experts.", "mlp_branch.", "ups.", "decoders.", "ending.")
         for name, p in model.named_parameters():
-            if not name.startswith(trained):
+            if not name.startswith(prefixes):
                 p.requires_grad_(False)
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     params = list(trained.values())
