@@ -189,6 +189,20 @@ def measure(mode: str, mp: float, arg: str = "") -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def grid_shift(have_monai: bool) -> dict:
+    """Grid-shift agreement of deblur(), deblur(tlc=192) and (if installed) MONAI."""
+    paths = ["deblur", "tlc"] + (["monai"] if have_monai else [])
+    return {p: measure("seams", 1.0, p) for p in paths}
+
+
+def seams_line(seams: dict) -> str:
+    line = (f"- Grid-shift agreement (1 MP, grid shifted by 80 px, defocus expert): "
+            f"deblur() {seams['deblur']['psnr']:.1f} dB, deblur(tlc=192) {seams['tlc']['psnr']:.1f} dB")
+    if "monai" in seams:
+        line += f", MONAI {seams['monai']['psnr']:.1f} dB"
+    return line + " (higher is more seam-free)."
+
+
 def plot(bars: list[tuple[str, dict]], path: Path, subtitle: str) -> None:
     """Horizontal bars of MP/s, each labelled with its peak RSS."""
     try:
@@ -224,6 +238,8 @@ def main(argv=None):
     parser.add_argument("--race-sizes", nargs="*", type=int, default=[256, 384],
                         help="bare tile sizes in the speed race (the others: one run each)")
     parser.add_argument("--out", default="docs/benchmarks/efficiency.md")
+    parser.add_argument("--seams-only", action="store_true",
+                        help="print only the grid-shift agreement (3-5 min here; writes no report)")
     args = parser.parse_args(argv)
     import torch
 
@@ -234,6 +250,9 @@ def main(argv=None):
         have_monai = False
         print("MONAI is not installed (pip install monai): its rows are skipped", file=sys.stderr)
 
+    if args.seams_only:
+        print(seams_line(grid_shift(have_monai)))
+        return
     t_start = time.perf_counter()
     # deblur()'s own tile size is always among them: the streams row is compared with it.
     bare_sizes = sorted(set(args.bare_sizes) | {DEFAULT_TILE_CPU})
@@ -261,9 +280,7 @@ def main(argv=None):
     bare_s, ours_1s = (row(bare_streams), row("deblur_1s")) if extra else (None, None)
     sparse = measure("experts", 1.0, "1")
     dense = measure("experts", 1.0, "5")
-    seams_ours = measure("seams", 1.0, "deblur")
-    seams_tlc = measure("seams", 1.0, "tlc")
-    seams_monai = measure("seams", 1.0, "monai") if have_monai else None
+    seams = grid_shift(have_monai)
     total = time.perf_counter() - t_start
 
     best = max((r for r in bare if r["raced"]), key=lambda r: r["mp_per_s"])
@@ -319,17 +336,13 @@ def main(argv=None):
     lines.append(f"- Sparse experts: k=1 runs {sparse['mp_per_s']:.3f} MP/s, all five experts mixed (k=5) "
                  f"{dense['mp_per_s']:.3f} MP/s: **{sparse['mp_per_s'] / dense['mp_per_s']:.2f}x** "
                  f"(bare 256 px tiles, automatic routing, {sparse['mp']:.2f} MP).")
-    seam_line = (f"- Grid-shift agreement (1 MP, grid shifted by 80 px, defocus expert): deblur() {seams_ours['psnr']:.1f} dB, "
-                 f"deblur(tlc=192) {seams_tlc['psnr']:.1f} dB")
-    if seams_monai:
-        seam_line += f", MONAI {seams_monai['psnr']:.1f} dB"
-    lines.append(seam_line + " (higher is more seam-free).")
+    lines.append(seams_line(seams))
     save_report(lines, args.out)
     bars = [(label, r) for r, label, _ in entries]
     plot(bars, Path(args.out).with_suffix(".png"), f"{args.mp:g} MP RGB uint8, {platform.machine()} CPU, "
          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     print(json.dumps({"bare": bare, "bare_streams": bare_s, "deblur_1s": ours_1s, "deblur": ours, "monai": monai_row, "sparse": sparse, "dense": dense,
-                      "seams": [seams_ours, seams_tlc, seams_monai], "deblur_tlc": ours_tlc}))
+                      "seams": seams, "deblur_tlc": ours_tlc}))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ On scikit-image's astronaut (512 x 512) with defocus blur, PSNR (dB) between
 pass of the network over the whole image, without the test-time local
 converter (TLC), with it at its default window (the model's training patch)
 and with a smaller 192 px window. Higher is more seam-free.
-``python benchmarks/seams.py``
+``python benchmarks/seams.py`` (``--model FILE`` for other weights)
 """
+
+import argparse
 
 import numpy as np
 from skimage import data
@@ -20,8 +22,11 @@ def psnr(a, b):
     return 10 * np.log10(255.0**2 / max(mse, 1e-20))
 
 
-def main():
-    model = demoe.load_model(device="cpu")
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="checkpoint (default: the packaged model)")
+    args = parser.parse_args(argv)
+    model = demoe.load_model(args.model, device="cpu")
     sharp = data.astronaut().astype(np.float32) / 255
     blurry = np.clip(np.rint(degrade(sharp, "defocus", rng=1, radius=(3, 3)).blurry * 255), 0, 255).astype(np.uint8)
     print("| TLC | 256 vs 384 tiles | tiled vs whole pass | PSNR vs sharp (tiled 256) |")
