@@ -27,7 +27,7 @@ import numpy as np
 from skimage import data, filters, metrics, restoration
 
 import demoe
-from demoe.api import ENSEMBLES
+from demoe.tasks import ENSEMBLES
 from demoe.degrade import degrade
 
 IMAGES = ["astronaut", "camera", "coffee", "chelsea", "rocket", "immunohistochemistry"]

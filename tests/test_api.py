@@ -146,6 +146,8 @@ def test_ensemble_averages_the_restored_flips_and_transposes(tiny_model):
         (np.zeros((4, 4)), {"precision": "int8"}, ValueError, "precision must be one of auto, fp32"),
         (np.zeros((4, 4)), {"ensemble": 3}, ValueError, "ensemble must be one of 1, 2, 4, 8"),
         (np.zeros((4, 4)), {"ensemble": True}, ValueError, "ensemble must be one of 1, 2, 4, 8"),
+        (np.zeros((4, 4)), {"ensemble": np.array([2, 4])}, ValueError, "ensemble must be one of 1, 2, 4, 8"),
+        (np.zeros((4, 4)), {"ensemble": 4.0}, ValueError, "ensemble must be one of 1, 2, 4, 8"),
     ],
 )
 def test_bad_input_clear_errors(identity_model, image, kwargs, err, match):

@@ -17,7 +17,7 @@ import torch
 from . import tiling
 from .checkpoint import load_model, resolve_device
 from .model import TASKS, DeMoE
-from .tasks import task_index
+from .tasks import ENSEMBLES, task_index
 
 _AUTO = "auto"
 #: Percentiles for robust normalisation of 16-bit, integer and out-of-range float data.
@@ -136,7 +136,6 @@ def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 # -- the network on tiles ------------------------------------------------------------------
-ENSEMBLES = (1, 2, 4, 8)  # geometric self-ensemble sizes: identity, + left-right flip, + all flips, + transposes
 _FLIPS = [(), (-1,), (-2,), (-1, -2)]  # view k flips these axes (after transposing, for k >= 4)
 
 
@@ -423,7 +422,7 @@ def deblur(
         raise ValueError(f"routing must be 'image' or 'tile', got {routing!r}")
     if precision != _AUTO and precision not in _DTYPES:
         raise ValueError(f"precision must be one of auto, {', '.join(_DTYPES)}; got {precision!r}")
-    if isinstance(ensemble, bool) or ensemble not in ENSEMBLES:
+    if isinstance(ensemble, bool) or not isinstance(ensemble, (int, np.integer)) or ensemble not in ENSEMBLES:
         raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLES))} (copies of each tile averaged), "
                          f"got {ensemble!r}")
     axis = _resolve_channel_axis(arr.shape, channel_axis)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .tasks import TASKS
+from .tasks import ENSEMBLES, TASKS
 
 
 # -- demoe deblur ---------------------------------------------------------------------------
@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tile-size", type=int, metavar="N", help="tile size in pixels (default: by device)")
     d.add_argument("--overlap", type=int, metavar="N", help="tile overlap in pixels (default: tile/8)")
     d.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    d.add_argument("--ensemble", type=int, default=1, choices=[1, 2, 4, 8], metavar="N",
-                   help="average each tile restored in N orientations: 1, 2, 4 or 8 (N times slower; default 1)")
+    d.add_argument("--ensemble", type=int, default=1, choices=ENSEMBLES, metavar="N",
+                   help=f"average each tile restored in N orientations: {', '.join(map(str, ENSEMBLES))} "
+                        "(N times slower; default 1)")
     d.add_argument("--suffix", default="_deblurred", help="added to output names (default: _deblurred)")
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     d.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")

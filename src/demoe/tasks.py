@@ -1,4 +1,4 @@
-"""The blur types DeMoE knows, in expert order (no heavy imports)."""
+"""The blur types DeMoE knows, in expert order, and the choices the interfaces share (no heavy imports)."""
 
 #: Task names in expert order: ``TASKS[i]`` is handled by expert ``i``.
 TASKS: tuple[str, ...] = (
@@ -30,3 +30,7 @@ TASK_LABELS: dict[str, str] = {
     "synth_global_motion": "Fast motion (GoPro-like)",
     "low_light": "Low light",
 }
+
+#: Sizes of ``deblur``'s geometric self-ensemble: the identity, then a left-right flip,
+#: all four flips, and the four flips of the transpose.
+ENSEMBLES: tuple[int, ...] = (1, 2, 4, 8)

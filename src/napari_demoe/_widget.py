@@ -18,7 +18,7 @@ import numpy as np
 from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, Label, ProgressBar, PushButton,
                               RadioButtons, SpinBox)
 
-from demoe.tasks import TASK_LABELS, TASKS
+from demoe.tasks import ENSEMBLES, TASK_LABELS, TASKS
 
 DEFAULT_MODEL = "Packaged default"
 NO_LAYER_HINT = "Add or open an image layer to deblur."
@@ -132,7 +132,7 @@ class DeblurWidget(Container):
         self.overlap = SpinBox(label="Overlap", min=0, max=1024, step=4, value=32, visible=False, enabled=False)
         self.device = ComboBox(label="Device", choices=["auto"], value="auto", visible=False)
         self.ensemble = ComboBox(label="Self-ensemble", value=1, visible=False,
-                                 choices=[("Off", 1)] + [(f"{n} orientations ({n}x time)", n) for n in (2, 4, 8)])
+                                 choices=[("Off", 1)] + [(f"{n} orientations ({n}x time)", n) for n in ENSEMBLES[1:]])
         self.run_button = PushButton(text="Deblur")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
