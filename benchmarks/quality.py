@@ -27,8 +27,8 @@ import numpy as np
 from skimage import data, filters, metrics, restoration
 
 import demoe
-from demoe.tasks import ENSEMBLES
 from demoe.degrade import degrade
+from demoe.tasks import ENSEMBLES
 
 IMAGES = ["astronaut", "camera", "coffee", "chelsea", "rocket", "immunohistochemistry"]
 CROP = 256
