@@ -144,7 +144,7 @@ def table(rows, routed) -> str:
         lines.append(f"\nMean PSNR on the {len(psf_cases)} cases with a PSF, {m}: {v:.2f} dB")
     blur_only = {(im, t) for (im, t) in psf_cases if t != "low_light"}
     parts = []
-    for m in ("demoe_auto", "richardson_lucy", "wiener"):
+    for m in METHODS:
         v = np.mean([p for (im, t, mm, p, _, _) in rows if mm == m and (im, t) in blur_only])
         parts.append(f"{m} {v:.2f} dB")
     lines.append(f"\nThe same without low_light (pure blur with a PSF, {len(blur_only)} cases): " + ", ".join(parts))
