@@ -25,3 +25,45 @@ def test_ci_runs_the_readme_test_command():
 def test_examples_folder_exists():
     images = sorted(p.name for p in (ROOT / "examples" / "blurry").iterdir())
     assert "clock_motion.png" in images and len(images) >= 5
+
+
+def _training_stages():
+    """The `demoe train` commands of examples/training/train_default.sh, parsed by the trainer's CLI."""
+    import shlex
+
+    from demoe.train import build_parser, config_from_args
+
+    script = (ROOT / "examples" / "training" / "train_default.sh").read_text().replace("\\\n", " ")
+    stages = []
+    for line in script.splitlines():
+        if line.startswith("demoe train "):
+            argv = shlex.split(line.replace('"$@"', "").replace("$work", "data"))[2:]
+            stages.append(config_from_args(build_parser().parse_args(argv)))
+    return stages
+
+
+def test_training_script_is_the_packaged_weights_recipe(monkeypatch):
+    """Each stage of the script has the settings the packaged file's training record holds."""
+    import json
+
+    from safetensors import safe_open
+
+    from demoe.checkpoint import default_weights_path
+
+    monkeypatch.chdir(ROOT)  # the script's --config path is relative to the repository
+    stages = _training_stages()
+    with safe_open(str(default_weights_path()), "np") as f:
+        record = json.loads(f.metadata()["training"])
+    records = []  # the packaged file's record, last stage first; each nests the one before
+    while record:
+        records.append(record)
+        record = (record.get("init") or {}).get("training")
+    assert len(stages) == len(records) >= 2
+    for number, (cfg, rec) in enumerate(zip(stages, reversed(records)), 1):
+        recorded = rec["config"]
+        for key in ("lr", "patch", "batch", "seed", "router_weight", "warmup", "loss", "photo_fraction"):
+            assert getattr(cfg, key) == recorded[key], (number, key)
+        assert cfg.ema == (recorded.get("ema") or 0.0), number
+        assert (cfg.init is None) == (number == 1)
+        if not cfg.fit_to_time:  # a fixed schedule: the recorded one, run to its end
+            assert cfg.steps == recorded["steps"] == rec["steps"], number
