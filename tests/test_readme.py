@@ -48,18 +48,14 @@ def test_training_script_is_the_packaged_weights_recipe(monkeypatch):
 
     from safetensors import safe_open
 
-    from demoe.checkpoint import default_weights_path
+    from demoe.checkpoint import default_weights_path, training_stages
 
     monkeypatch.chdir(ROOT)  # the script's --config path is relative to the repository
     stages = _training_stages()
     with safe_open(str(default_weights_path()), "np") as f:
-        record = json.loads(f.metadata()["training"])
-    records = []  # the packaged file's record, last stage first; each nests the one before
-    while record:
-        records.append(record)
-        record = (record.get("init") or {}).get("training")
+        records = training_stages(json.loads(f.metadata()["training"]))
     assert len(stages) == len(records) >= 2
-    for number, (cfg, rec) in enumerate(zip(stages, reversed(records)), 1):
+    for number, (cfg, rec) in enumerate(zip(stages, records), 1):
         recorded = rec["config"]
         for key in ("lr", "patch", "batch", "seed", "router_weight", "warmup", "loss", "photo_fraction"):
             assert getattr(cfg, key) == recorded[key], (number, key)

@@ -177,6 +177,19 @@ def model_from_state_dict(
     return model
 
 
+def training_stages(record: dict | None) -> list[dict]:
+    """The stages of a ``training`` metadata record, oldest first.
+
+    A fine-tune's record nests the record of the weights it started from under
+    ``init["training"]``; this unnests them.
+    """
+    stages = []
+    while record:
+        stages.append(record)
+        record = (record.get("init") or {}).get("training")
+    return stages[::-1]
+
+
 def default_weights_path() -> Path:
     """Path of the packaged default weights (may not exist in a source checkout)."""
     return Path(str(resources.files("demoe") / "weights" / DEFAULT_WEIGHTS))

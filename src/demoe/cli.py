@@ -138,7 +138,7 @@ def run_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .checkpoint import available_devices, default_weights_path, load_model, resolve_device
+    from .checkpoint import available_devices, default_weights_path, load_model, resolve_device, training_stages
 
     print(f"demoe {__version__}, torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
     print(f"devices available: {', '.join(available_devices())}; would use: {resolve_device(None)}")
@@ -153,17 +153,15 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"  config: {json.dumps(model.config)}, top_k={model.k_used}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     print(f"  input convention: {json.dumps(meta.get('input_convention'))}")
-    for line in _record_lines(record):
-        print("  " + line)
+    for stage in training_stages(record):
+        for line in _stage_lines(stage):
+            print("  " + line)
     return 0
 
 
-def _record_lines(record: dict, depth: int = 0) -> list[str]:
-    """Training record of the weights, oldest stage first (fine-tunes nest their origin)."""
-    lines = []
-    if record.get("init"):
-        lines += _record_lines(record["init"].get("training") or {}, depth)
-        lines.append(f"then fine-tuned from {record['init'].get('source')}:")
+def _stage_lines(record: dict) -> list[str]:
+    """One stage of the weights' training record (a fine-tune names the file it started from)."""
+    lines = [f"then fine-tuned from {record['init'].get('source')}:"] if record.get("init") else []
     for s in record.get("sessions", []):
         lines.append(f"training: steps {s.get('start_step')}-{s.get('end_step')} on {s.get('hardware')}, "
                      f"{s.get('wall_time_s', 0) / 60:.1f} min, started {s.get('started')}")
