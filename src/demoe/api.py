@@ -382,8 +382,8 @@ def deblur(
         or transposed copies of every tile (2: a left-right flip; 4: all
         flips; 8: all flips and transposes), each routed as the tile itself,
         and the results are averaged. Costs ``ensemble`` times the network
-        time; on the quality benchmark 4 and 8 added 0.05 and 0.07 dB (README,
-        "How good is the packaged model?").
+        time; on the quality benchmark 4 and 8 added 0.04 and 0.06 dB with the
+        packaged weights (README, "How good is the packaged model?").
 
     Returns
     -------
