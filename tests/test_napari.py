@@ -110,8 +110,13 @@ def test_widget_self_ensemble_setting(make_napari_viewer, qtbot, use_model):
     one, _ = deblur_layer_data(img, rgb=False, settings=DeblurSettings())
     np.testing.assert_allclose(out.data, four, atol=1e-6)
     assert np.abs(four - one).max() > 1e-4
-    widget.advanced.value = False  # hidden advanced settings are not applied
-    assert widget.settings().ensemble == 1
+    widget.auto_tiles.value = False
+    widget.device.value = "cpu"
+    shown = widget.settings()
+    assert (shown.ensemble, shown.device, shown.tile_size) == (4, "cpu", 256)
+    widget.advanced.value = False  # hidden advanced settings are not applied, none of them
+    hidden = widget.settings()
+    assert (hidden.ensemble, hidden.device, hidden.tile_size, hidden.overlap) == (1, None, None, None)
 
 
 def test_widget_processes_every_plane_and_rgb(make_napari_viewer, qtbot, use_model, identity_ckpt):
@@ -230,5 +235,10 @@ def test_result_layer_kwargs_preview_drops_leading_axes(make_napari_viewer):
 
 
 def test_device_choices_listed(make_napari_viewer, use_model):
-    widget = DeblurWidget(make_napari_viewer())
+    viewer = make_napari_viewer()
+    widget = DeblurWidget(viewer)
     assert widget.device.choices[0] == "auto" and "cpu" in widget.device.choices
+    # napari resets a docked widget's choices when it is docked and on every new layer.
+    viewer.window.add_dock_widget(widget)
+    viewer.add_image(np.zeros((8, 8)))
+    assert "cpu" in widget.device.choices

@@ -130,7 +130,9 @@ class DeblurWidget(Container):
         self.auto_tiles = CheckBox(label="Automatic tiles", value=True, visible=False)
         self.tile_size = SpinBox(label="Tile size", min=16, max=4096, step=16, value=256, visible=False, enabled=False)
         self.overlap = SpinBox(label="Overlap", min=0, max=1024, step=4, value=32, visible=False, enabled=False)
-        self.device = ComboBox(label="Device", choices=["auto"], value="auto", visible=False)
+        # A callable, so that napari's reset_choices() (on docking, on every new layer) keeps the list.
+        self._devices: list[str] = []
+        self.device = ComboBox(label="Device", choices=lambda _: ["auto", *self._devices], visible=False)
         self.ensemble = ComboBox(label="Self-ensemble", value=1, visible=False,
                                  choices=[("Off", 1)] + [(f"{n} orientations ({n}x time)", n) for n in ENSEMBLES[1:]])
         self.run_button = PushButton(text="Deblur")
@@ -188,7 +190,7 @@ class DeblurWidget(Container):
         if "torch" in sys.modules:  # already loaded: instant, no thread needed
             from demoe import available_devices
 
-            self.device.choices = ["auto", *available_devices()]
+            self._set_devices(available_devices())
             return
         from napari.qt.threading import create_worker
 
@@ -198,9 +200,13 @@ class DeblurWidget(Container):
             return available_devices()
 
         worker = create_worker(find, _start_thread=False, _ignore_errors=True)  # keep "auto" on failure
-        worker.returned.connect(lambda devices: setattr(self.device, "choices", ["auto", *devices]))
+        worker.returned.connect(self._set_devices)
         worker.start()
         self._device_worker = worker
+
+    def _set_devices(self, devices: list[str]):
+        self._devices = list(devices)
+        self.device.reset_choices()
 
     def settings(self) -> DeblurSettings:
         layer = self.layer.value
@@ -215,14 +221,16 @@ class DeblurWidget(Container):
             checkpoint = str(self.checkpoint.value)
             if not checkpoint or checkpoint == ".":
                 raise ValueError("choose a checkpoint file (.pt, .pth or .safetensors)")
-        manual = self.advanced.value and not self.auto_tiles.value
+        # Hidden advanced settings are not applied: all of them, not some.
+        advanced = bool(self.advanced.value)
+        manual = advanced and not self.auto_tiles.value
         return DeblurSettings(
             task=self.task.value, checkpoint=checkpoint,
             tile_size=int(self.tile_size.value) if manual else None,
             overlap=int(self.overlap.value) if manual else None,
-            device=None if self.device.value == "auto" else self.device.value,
+            device=self.device.value if advanced and self.device.value != "auto" else None,
             plane=plane, compute=bool(self.compute.value),
-            ensemble=int(self.ensemble.value) if self.advanced.value else 1,
+            ensemble=int(self.ensemble.value) if advanced else 1,
         )
 
     # -- running -------------------------------------------------------------------
