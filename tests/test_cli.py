@@ -98,6 +98,23 @@ def test_refuses_to_overwrite_inputs(folder, capsys):
     assert digest(folder) == before
 
 
+def test_rerun_on_a_folder_skips_what_is_done(folder, capsys):
+    (folder / "broken.jpg").unlink()
+    assert cli.main(["deblur", str(folder), "-r", "-q"]) == 0  # outputs beside their sources
+    done = digest(folder)
+    capsys.readouterr()
+    # The second run leaves the earlier outputs out of the inputs and skips their sources.
+    assert cli.main(["deblur", str(folder), "-r", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "left out 5 earlier output(s)" in captured.err and "0 deblurred, 5 skipped, 0 failed" in captured.err
+    assert digest(folder) == done and not list(folder.rglob("*_deblurred_deblurred*"))
+    # --overwrite redoes them; an output named on the command line is an input like any other.
+    assert cli.main(["deblur", str(folder), "-r", "-q", "--overwrite"]) == 0
+    assert "5 deblurred" in capsys.readouterr().err
+    assert cli.main(["deblur", str(folder / "img2_deblurred.png"), "-q"]) == 0
+    assert (folder / "img2_deblurred_deblurred.png").is_file()
+
+
 def test_default_output_beside_input(folder):
     assert cli.main(["deblur", str(folder / "img2.png"), "-q"]) == 0
     assert (folder / "img2_deblurred.png").is_file()

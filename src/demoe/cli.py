@@ -12,12 +12,20 @@ from .tasks import ENSEMBLES, TASKS
 
 
 # -- demoe deblur ---------------------------------------------------------------------------
-def collect_inputs(inputs: Sequence[str], recursive: bool) -> list[tuple[Path, Path]]:
-    """``(file, relative name)`` pairs in natural order; folders expanded (zarr stores kept whole)."""
+def collect_inputs(inputs: Sequence[str], recursive: bool,
+                   suffix: str = "") -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """``(file, relative name)`` pairs in natural order; folders expanded (zarr stores kept whole).
+
+    In an expanded folder, ``<name><suffix><ext>`` next to ``<name><ext>`` is an earlier
+    output of this command: it is left out, so that running the command twice on a folder
+    skips what is done instead of deblurring the results again. Those files come back as
+    the second list. Files named on the command line are always taken.
+    """
     from .data import natural_key
     from .files import SUFFIXES
 
     found: list[tuple[Path, Path]] = []
+    earlier: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir() and p.suffix != ".zarr":
@@ -26,12 +34,17 @@ def collect_inputs(inputs: Sequence[str], recursive: bool) -> list[tuple[Path, P
                      if (f.is_file() and f.suffix.lower() in SUFFIXES and not f.name.startswith("."))
                      or (f.is_dir() and f.suffix == ".zarr")]
             files = [f for f in files if not any(part.endswith(".zarr") for part in f.relative_to(p).parts[:-1])]
-            found += [(f, f.relative_to(p)) for f in sorted(files, key=natural_key)]
+            names = set(files)
+            for f in sorted(files, key=natural_key):
+                if suffix and f.stem.endswith(suffix) and f.with_name(f.stem[: -len(suffix)] + f.suffix) in names:
+                    earlier.append(f)
+                else:
+                    found.append((f, f.relative_to(p)))
         elif p.exists():
             found.append((p, Path(p.name)))
         else:
             raise FileNotFoundError(f"no such file or folder: {p}")
-    return found
+    return found, earlier
 
 
 def output_path(src: Path, rel: Path, outdir: Path | None, suffix: str) -> Path:
@@ -71,10 +84,13 @@ def run_deblur(args: argparse.Namespace) -> int:
 
     outdir = Path(args.output) if args.output else None
     try:
-        items = collect_inputs(args.inputs, args.recursive)
+        items, earlier = collect_inputs(args.inputs, args.recursive, args.suffix)
     except FileNotFoundError as err:
         print(f"demoe: {err}", file=sys.stderr)
         return 2
+    if earlier:
+        print(f"demoe: left out {len(earlier)} earlier output(s) found beside their source, "
+              f"e.g. {earlier[0]} (name such files to deblur them)", file=sys.stderr)
     if not items:
         print("demoe: no images found (accepted: .png .jpg .jpeg .bmp .webp .tif .tiff .npy .zarr)", file=sys.stderr)
         return 2
@@ -179,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("deblur", help="deblur image files or folders",
                        description="Deblur images (PNG, JPEG, TIFF incl. 16-bit and multi-page, .npy, zarr).")
-    d.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zarr stores")
+    d.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zarr stores (in a folder, earlier outputs "
+                   "beside their source are left out)")
     d.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (default: beside each input)")
     d.add_argument("-t", "--task", default="auto", choices=["auto", *TASKS], help="blur type (default: detect)")
     d.add_argument("--model", metavar="PATH", help="checkpoint (default: the packaged model)")
