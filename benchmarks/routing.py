@@ -39,16 +39,19 @@ def main(argv=None):
         parser.error(f"no photographs larger than {CROP} px in {args.photos}")
     rng = np.random.default_rng(args.seed)
     confusion = np.zeros((len(demoe.TASKS), len(demoe.TASKS)), int)
+    by_size = {task: [] for task in demoe.TASKS}  # (PSF radius of gyration, routed right) where a PSF exists
     for _ in range(args.crops):
         img = photos[rng.integers(len(photos))]
         y, x = rng.integers(0, img.shape[0] - CROP), rng.integers(0, img.shape[1] - CROP)
         sharp = np.ascontiguousarray(img[y : y + CROP, x : x + CROP])
         for t, task in enumerate(demoe.TASKS):
-            blurry = degrade(sharp, task, rng=int(rng.integers(1 << 30)), noise=NOISE).blurry.astype(np.float32)
-            chw = np.ascontiguousarray(blurry.transpose(2, 0, 1))
+            degraded = degrade(sharp, task, rng=int(rng.integers(1 << 30)), noise=NOISE)
+            chw = np.ascontiguousarray(degraded.blurry.astype(np.float32).transpose(2, 0, 1))
             probs = _route_image(model, torch.device("cpu"), lambda r, c: np.ascontiguousarray(chw[:, r][:, :, c]),
                                  CROP, CROP, DEFAULT_TILE["cpu"], model.padder_size)
             confusion[t, int(np.argmax(probs))] += 1
+            if degraded.psf is not None:
+                by_size[task].append((radius_of_gyration(degraded.psf), int(np.argmax(probs)) == t))
 
     print(f"Routing of {confusion.sum()} degraded {CROP} px crops from {args.photos} "
           f"(model: {args.model or 'packaged'}); rows: true task, columns: detected\n")
@@ -57,6 +60,22 @@ def main(argv=None):
     for t, task in enumerate(demoe.TASKS):
         print(f"| {task} | " + " | ".join(str(v) for v in confusion[t]) + " |")
     print(f"\nAccuracy: {np.trace(confusion) / confusion.sum():.1%}")
+    print("\nBy blur size, where the blur has one PSF (thirds of the crops by the PSF's radius of gyration):")
+    for task, rows in by_size.items():
+        if len(rows) >= 3:
+            size, right = np.array(rows, float).T
+            edges = np.quantile(size, [0, 1 / 3, 2 / 3, 1])
+            parts = [f"{lo:.1f}-{hi:.1f} px {right[(size >= lo) & (size <= hi)].mean():.0%}"
+                     for lo, hi in zip(edges[:-1], edges[1:])]
+            print(f"- {task}: " + ", ".join(parts))
+
+
+def radius_of_gyration(psf: np.ndarray) -> float:
+    """RMS distance of the PSF's mass from its centre, in pixels: one number for blur size."""
+    w = psf / psf.sum()
+    yy, xx = np.indices(psf.shape)
+    cy, cx = (w * yy).sum(), (w * xx).sum()
+    return float(np.sqrt((w * ((yy - cy) ** 2 + (xx - cx) ** 2)).sum()))
 
 
 if __name__ == "__main__":
