@@ -283,6 +283,19 @@ def test_train_bad_options_get_one_line_and_create_nothing(tmp_path, capsys, ext
     assert not out.exists()
 
 
+def test_train_help_explains_every_option(capsys, monkeypatch):
+    from demoe.train import TrainConfig
+
+    monkeypatch.setenv("COLUMNS", "2000")  # no line wrapping inside the descriptions
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text and f.metadata["help"] in text, flag  # a description, not only a default
+    assert "FOLDER:TASK, where FOLDER holds blurry/ and sharp/" in text
+
+
 def test_train_config_file_with_unknown_option(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text("width = 8\nlearning_rate = 0.1\n")

@@ -35,46 +35,63 @@ from .model import TASKS, DeMoE
 from .tasks import task_index
 
 
+def _opt(default, help: str, group: str, metavar: str | None = None):
+    """A TrainConfig field with its ``--help`` text, help group and metavar."""
+    meta = {"help": help, "group": group, "metavar": metavar}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+ARCH, DATA, OPTIM, BOOK = ("architecture (ignored when fine-tuning from --init)", "data", "optimisation",
+                           "checkpoints, logging and time")
+
+
 @dataclass
 class TrainConfig:
-    # architecture (ignored when fine-tuning from --init)
-    width: int = 16
-    enc_blk_nums: list[int] = field(default_factory=lambda: [1, 1, 2, 4])
-    middle_blk_num: int = 2
-    dec_blk_nums: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
-    num_exp: int = 5
-    top_k: int = 1
-    init: str | None = None  # checkpoint to fine-tune from (published format or ours)
-    freeze_encoder: bool = False  # train only experts, router, decoder
-    router_only: bool = False  # train only the router (blur classifier), on cross-entropy alone
-    # data
-    photos: list[str] = field(default_factory=list)  # folders of sharp photographs
-    pairs: list[str] = field(default_factory=list)  # "FOLDER:TASK" with blurry/ and sharp/
-    photo_fraction: float = 0.8
-    pair_fraction: float = 0.5
-    max_side: int | None = None
-    patch: int = 128
-    batch: int = 16
-    workers: int = 2
-    # optimisation
-    steps: int = 20000
-    lr: float = 1e-3
-    min_lr: float = 1e-6
-    weight_decay: float = 1e-3
-    warmup: int = 200
-    grad_clip: float = 0.5
-    loss: str = "psnr"  # or "l1"
-    router_weight: float = 0.1
-    ema: float = 0.0  # decay of an exponential moving average of the weights, exported instead (0 = off)
-    amp: str = "none"  # or "bf16" (autocast on CUDA)
-    seed: int = 0
-    device: str | None = None
-    # bookkeeping
-    out: str = "runs/demoe"
-    ckpt_every: int = 500
-    time_limit: float | None = None  # minutes; stop cleanly (and checkpoint) after this
-    fit_to_time: bool = False  # shorten `steps` so the cosine schedule ends at time_limit
-    log_every: int = 50
+    width: int = _opt(16, "channels at full resolution", ARCH)
+    enc_blk_nums: list[int] = _opt([1, 1, 2, 4], "NAF blocks per encoder level (one level per number)", ARCH,
+                                   "N")
+    middle_blk_num: int = _opt(2, "NAF blocks at the bottleneck", ARCH)
+    dec_blk_nums: list[int] = _opt([1, 1, 1, 1], "NAF blocks per decoder level", ARCH, "N")
+    num_exp: int = _opt(5, "experts per MoE block (one per blur type)", ARCH)
+    top_k: int = _opt(1, "experts run per image at inference", ARCH)
+    init: str | None = _opt(None, "checkpoint to fine-tune from (published .pt/.pth or our .safetensors)", ARCH,
+                            "FILE")
+    freeze_encoder: bool = _opt(False, "train only the decoder, the experts and the router", ARCH)
+    router_only: bool = _opt(False, "train only the router (blur classifier), on cross-entropy alone; "
+                             "needs --init", ARCH)
+    photos: list[str] = _opt([], "folders of sharp photographs, blurred on the fly by demoe.degrade", DATA,
+                             "FOLDER")
+    pairs: list[str] = _opt([], "real pairs: FOLDER:TASK, where FOLDER holds blurry/ and sharp/ "
+                            "with matching file names", DATA, "FOLDER:TASK")
+    photo_fraction: float = _opt(0.8, "share of synthetic patches cut from --photos; the rest from "
+                                 "procedural dead-leaves images", DATA, "F")
+    pair_fraction: float = _opt(0.5, "share of patches from --pairs, when given", DATA, "F")
+    max_side: int | None = _opt(None, "downscale photographs whose longer side exceeds this (pixels)", DATA, "PX")
+    patch: int = _opt(128, "training patch size (pixels)", DATA, "PX")
+    batch: int = _opt(16, "patches per step", DATA, "N")
+    workers: int = _opt(2, "data-loading processes (0: in the training process)", DATA, "N")
+    steps: int = _opt(20000, "optimiser steps (the cosine schedule's length)", OPTIM, "N")
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)", OPTIM)
+    min_lr: float = _opt(1e-6, "learning rate at the end of the cosine schedule", OPTIM)
+    weight_decay: float = _opt(1e-3, "AdamW weight decay", OPTIM)
+    warmup: int = _opt(200, "steps of linear warm-up", OPTIM, "N")
+    grad_clip: float = _opt(0.5, "clip the gradient's norm to this", OPTIM)
+    loss: str = _opt("psnr", "reconstruction loss: psnr or l1", OPTIM)
+    router_weight: float = _opt(0.1, "weight of the router's cross-entropy against the task label", OPTIM, "W")
+    ema: float = _opt(0.0, "decay of an exponential moving average of the weights, exported instead "
+                      "(e.g. 0.999; 0: off)", OPTIM)
+    amp: str = _opt("none", "mixed precision: none or bf16 (autocast on CUDA)", OPTIM)
+    seed: int = _opt(0, "seeds the weights, the data and the blur", OPTIM, "N")
+    device: str | None = _opt(None, "cpu, cuda, cuda:N or mps (default: the best available)", OPTIM)
+    out: str = _opt("runs/demoe", "run folder: last.pt to resume from, model.safetensors at the end; "
+                    "rerunning the command resumes", BOOK, "FOLDER")
+    ckpt_every: int = _opt(500, "write last.pt every N steps", BOOK, "N")
+    time_limit: float | None = _opt(None, "minutes; stop cleanly (and checkpoint) after this (0: none)", BOOK,
+                                    "MIN")
+    fit_to_time: bool = _opt(False, "shorten --steps so the cosine schedule ends at --time-limit", BOOK)
+    log_every: int = _opt(50, "log loss, PSNR gain and routing accuracy every N steps", BOOK, "N")
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "TrainConfig":
@@ -344,22 +361,26 @@ def export(model: DeMoE, path: Path, cfg: TrainConfig, record: dict, patch: int)
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="demoe train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="TOML file with any of the options below")
+    parser.add_argument("--config", metavar="TOML", help="TOML file with any of the options below "
+                        "(names with underscores); the command line wins")
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
+        group = groups.get(f.metadata["group"]) or groups.setdefault(
+            f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "" if default in (None, []) or isinstance(default, bool) else f" (default: {default})"
+        kw = dict(default=None, help=f.metadata["help"] + shown)
+        if f.metadata["metavar"]:
+            kw["metavar"] = f.metadata["metavar"]
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            kw.pop("metavar", None)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, list):
-            kind = int if f.name.endswith("nums") else str
-            parser.add_argument(flag, nargs="*", type=kind, default=None, help=f"(default: {default})")
+            group.add_argument(flag, nargs="*", type=int if f.name.endswith("nums") else str, **kw)
         else:
-            kind = {int: int, float: float}.get(type(default), str)
-            if f.name in ("time_limit",):
-                kind = float
-            if f.name in ("max_side",):
-                kind = int
-            parser.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
+            kind = {"time_limit": float, "max_side": int}.get(f.name) or {int: int, float: float}.get(type(default), str)
+            group.add_argument(flag, type=kind, **kw)
     parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     return parser
 
