@@ -132,6 +132,8 @@ def test_ensemble_averages_the_restored_flips_and_transposes(tiny_model):
         (np.zeros((4, 4), bool), {}, TypeError, "boolean"),
         (np.zeros((4, 4), complex), {}, TypeError, "unsupported dtype complex128"),
         (np.array([[object()]]), {}, TypeError, "unsupported dtype object"),
+        ("photo.png", {}, TypeError, r"not a file name \('photo.png'\): read it first"),
+        (None, {}, TypeError, "got None instead of an image array"),
         (np.array([[np.nan, 1, np.inf], [0, 0, 0]]), {}, ValueError, "2 NaN or infinite"),
         (np.zeros((4, 4)), {"channel_axis": 3}, ValueError, "channel_axis=3 is out of range"),
         (np.zeros((4, 4)), {"task": "rain"}, ValueError, "valid tasks are: auto, defocus"),

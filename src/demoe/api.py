@@ -52,6 +52,11 @@ def default_model(device: str | torch.device | None = None) -> DeMoE:
 
 # -- validation ---------------------------------------------------------------------------
 def _check_image(image) -> Any:
+    if isinstance(image, (str, Path)):
+        raise TypeError(f"deblur() takes an image array, not a file name ({str(image)!r}): read it first, e.g. "
+                        "with skimage.io.imread or tifffile.imread, or run `demoe deblur FILE`")
+    if image is None:
+        raise TypeError("deblur() got None instead of an image array")
     is_dask = type(image).__module__.split(".")[0] == "dask"
     arr = image if is_dask else np.asarray(image)
     kind = arr.dtype.kind
