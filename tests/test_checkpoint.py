@@ -116,6 +116,17 @@ def test_missing_file(tmp_path):
         load_model(tmp_path / "nope.pt")
 
 
+def test_run_folder_loads_its_exported_weights(tmp_path, tiny_model):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(FileNotFoundError, match="folder without model.safetensors"):
+        load_model(run, device="cpu")
+    save_model(tiny_model, run / "model.safetensors")
+    loaded = load_model(run, device="cpu")
+    for name, value in tiny_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
 def test_invalid_top_k(tmp_path, tiny_model):
     torch.save(tiny_model.state_dict(), tmp_path / "m.pt")
     with pytest.raises(ValueError, match="top_k must be between 1 and 5"):

@@ -231,6 +231,30 @@ def test_router_only_trains_the_router_alone(tmp_path):
               progress=False)
 
 
+def test_init_from_the_packaged_weights_or_a_run_folder(tmp_path):
+    import torch
+
+    from demoe import load_model
+    from demoe.train import TrainConfig, init_path, train
+
+    packaged = load_model(device="cpu")
+    cfg = TrainConfig(init="packaged", router_only=True, patch=32, batch=2, workers=0, steps=1, warmup=1,
+                      out=str(tmp_path / "first"), lr=1e-3)
+    first = load_model(train(cfg, progress=False), device="cpu")
+    assert first.metadata["training"]["init"]["source"] == "demoe-compact.safetensors"
+    assert torch.equal(first.state_dict()["intro.weight"], packaged.state_dict()["intro.weight"])
+    # A finished run's folder stands for its model.safetensors.
+    assert init_path(str(tmp_path / "first")) == tmp_path / "first" / "model.safetensors"
+    cfg2 = TrainConfig(init=str(tmp_path / "first"), router_only=True, patch=32, batch=2, workers=0, steps=1,
+                       warmup=1, out=str(tmp_path / "second"), lr=1e-3)
+    second = load_model(train(cfg2, progress=False), device="cpu")
+    assert second.metadata["training"]["init"]["source"] == "model.safetensors"
+    assert second.metadata["training"]["init"]["training"]["init"]["source"] == "demoe-compact.safetensors"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="the folder has no model.safetensors"):
+        TrainConfig(init=str(tmp_path / "empty")).check()
+
+
 def test_ema_weights_are_exported_and_survive_resume(tmp_path):
     import torch
 

@@ -90,11 +90,17 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read ``(state_dict, metadata)`` from a ``.pt``/``.pth``/``.safetensors`` file.
+    """Read ``(state_dict, metadata)`` from a ``.pt``/``.pth``/``.safetensors`` file or a run folder.
 
     Never unpickles anything but tensors and plain containers.
     """
     path = Path(path)
+    if path.is_dir():  # a training run folder: its exported weights
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{path} is a folder without model.safetensors: give a checkpoint file "
+                                    "(a training run writes model.safetensors when it ends; last.pt holds the "
+                                    "weights while it runs)")
+        path = path / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -208,8 +214,9 @@ def load_model(
     source : path or None
         A published-format ``.pt``/``.pth`` checkpoint (a dict with ``params``,
         ``module.`` prefixes allowed, other entries ignored), a bare state-dict
-        file, or a ``.safetensors`` file written by :func:`save_model`. None
-        loads the packaged default weights.
+        file, a ``.safetensors`` file written by :func:`save_model`, or a
+        training run folder (its ``model.safetensors``). None loads the
+        packaged default weights.
     top_k : int, optional
         Experts used per image. Default: the file's metadata, else 1 (the
         published configuration).

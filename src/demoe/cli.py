@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "beside their source are left out)")
     d.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (default: beside each input)")
     d.add_argument("-t", "--task", default="auto", choices=["auto", *TASKS], help="blur type (default: detect)")
-    d.add_argument("--model", metavar="PATH", help="checkpoint (default: the packaged model)")
+    d.add_argument("--model", metavar="PATH", help="checkpoint file or training run folder (default: the packaged model)")
     d.add_argument("--tile-size", type=int, metavar="N", help="tile size in pixels (default: by device)")
     d.add_argument("--overlap", type=int, metavar="N", help="tile overlap in pixels (default: tile/8)")
     d.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto)")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import model_from_state_dict, read_checkpoint, resolve_device, save_model
+from .checkpoint import default_weights_path, model_from_state_dict, read_checkpoint, resolve_device, save_model
 from .model import TASKS, DeMoE
 from .tasks import task_index
 
@@ -56,8 +56,8 @@ class TrainConfig:
     dec_blk_nums: list[int] = _opt([1, 1, 1, 1], "NAF blocks per decoder level", ARCH, "N")
     num_exp: int = _opt(5, "experts per MoE block (one per blur type)", ARCH)
     top_k: int = _opt(1, "experts run per image at inference", ARCH)
-    init: str | None = _opt(None, "checkpoint to fine-tune from (published .pt/.pth or our .safetensors)", ARCH,
-                            "FILE")
+    init: str | None = _opt(None, "checkpoint to fine-tune from: a published .pt/.pth, a .safetensors, a run "
+                            "folder, or 'packaged' for the weights that ship with demoe", ARCH, "FILE")
     freeze_encoder: bool = _opt(False, "train only the decoder, the experts and the router", ARCH)
     router_only: bool = _opt(False, "train only the router (blur classifier), on cross-entropy alone; "
                              "needs --init", ARCH)
@@ -130,8 +130,9 @@ class TrainConfig:
             raise ValueError(f"ema must be in [0, 1) (a decay such as 0.999; 0 turns it off), got {self.ema}")
         if self.router_only and not self.init:
             raise ValueError("router_only needs --init: a router alone cannot be trained on an untrained encoder")
-        if self.init and not Path(self.init).is_file():
-            raise FileNotFoundError(f"--init: checkpoint not found: {self.init}")
+        if self.init and not init_path(self.init).is_file():
+            raise FileNotFoundError(f"--init: checkpoint not found: {self.init}"
+                                    + (" (the folder has no model.safetensors)" if Path(self.init).is_dir() else ""))
         for folder in self.photos:
             if not Path(folder).exists():
                 raise FileNotFoundError(f"--photos: image folder not found: {folder}")
@@ -177,10 +178,18 @@ def batch_losses(model: DeMoE, cfg: TrainConfig, blurry, sharp, label):
     return rec + cfg.router_weight * ce, ce, logits, pred
 
 
+def init_path(init: str) -> Path:
+    """The file ``--init`` names: 'packaged' is the packaged weights, a run folder its model.safetensors."""
+    if init == "packaged" and not Path(init).exists():
+        return default_weights_path()
+    path = Path(init)
+    return path / "model.safetensors" if path.is_dir() else path
+
+
 def build_model(cfg: TrainConfig) -> tuple[DeMoE, dict]:
     """The model to train and the metadata of the checkpoint it starts from (if any)."""
     if cfg.init:
-        state_dict, metadata = read_checkpoint(cfg.init)
+        state_dict, metadata = read_checkpoint(init_path(cfg.init))
         return model_from_state_dict(state_dict, top_k=cfg.top_k, metadata={}, origin=cfg.init), metadata
     return DeMoE(3, cfg.width, cfg.middle_blk_num, cfg.enc_blk_nums, cfg.dec_blk_nums, cfg.num_exp, cfg.top_k), {}
 
@@ -270,7 +279,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     if cfg.init and "init" not in record:
         # Keep the history of the weights we start from (a fine-tune's full record).
-        record["init"] = {"source": Path(cfg.init).name, "training": init_meta.get("training")}
+        record["init"] = {"source": init_path(cfg.init).name, "training": init_meta.get("training")}
     session = {"start_step": step, "hardware": hardware(), "device": str(device),
                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     record["sessions"].append(session)
