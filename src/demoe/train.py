@@ -372,10 +372,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="demoe train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", metavar="TOML", help="TOML file with any of the options below "
                         "(names with underscores); the command line wins")
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    groups = {}  # help sections, in the order of TrainConfig's fields
     for f in dataclasses.fields(TrainConfig):
-        group = groups.get(f.metadata["group"]) or groups.setdefault(
-            f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        if f.metadata["group"] not in groups:
+            groups[f.metadata["group"]] = parser.add_argument_group(f.metadata["group"])
+        group = groups[f.metadata["group"]]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = "" if default in (None, []) or isinstance(default, bool) else f" (default: {default})"
