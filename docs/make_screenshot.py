@@ -2,7 +2,9 @@
 
 Opens napari with the defocused sample photo, docks "Deblur (DeMoE)", runs it
 with the packaged default model and saves a screenshot of the whole window.
-Needs a display; headless: ``xvfb-run -a python docs/make_screenshot.py``.
+Needs a display; headless: ``QT_API=pyqt6 xvfb-run -a python docs/make_screenshot.py``
+(with PyQt5 also installed, qtpy would pick it and napari shows a deprecation
+notice over the canvas).
 """
 
 from pathlib import Path
