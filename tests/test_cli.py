@@ -160,6 +160,22 @@ def test_info(capsys):
     assert "default model:" in text and "NVIDIA H200" in text
 
 
+def test_info_on_a_run_folder_or_checkpoint(tmp_path, tiny_model, capsys):
+    from demoe import save_model
+
+    (tmp_path / "run").mkdir()
+    save_model(tiny_model, tmp_path / "run" / "model.safetensors", training={
+        "sessions": [{"start_step": 0, "end_step": 7, "hardware": "test rig", "wall_time_s": 60}], "photos": 3,
+        "config": {"pairs": ["scope/:defocus"]}})
+    assert cli.main(["info", str(tmp_path / "run")]) == 0
+    text = capsys.readouterr().out
+    assert f"model: {tmp_path / 'run'}" in text and "training: steps 0-7 on test rig, 1.0 min" in text
+    assert "data: 3 photographs + dead leaves + real pairs scope/:defocus" in text
+    assert '"width": 4' in text and "default model" not in text
+    assert cli.main(["info", str(tmp_path / "missing.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
 def test_help_everywhere(capsys):
     for argv in (["--help"], ["deblur", "--help"], ["info", "--help"], ["train", "--help"]):
         with pytest.raises(SystemExit) as e:

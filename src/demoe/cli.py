@@ -154,18 +154,26 @@ def run_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .checkpoint import available_devices, default_weights_path, load_model, resolve_device, training_stages
+    from .checkpoint import (CheckpointError, available_devices, default_weights_path, load_model, resolve_device,
+                             training_stages)
 
     print(f"demoe {__version__}, torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
     print(f"devices available: {', '.join(available_devices())}; would use: {resolve_device(None)}")
-    path = default_weights_path()
-    if not path.is_file():
-        print(f"default model: not packaged ({path})")
-        return 0
-    model = load_model(device="cpu")
+    if args.model is None:
+        path, title = default_weights_path(), "default model"
+        if not path.is_file():
+            print(f"default model: not packaged ({path})")
+            return 0
+    else:
+        path, title = Path(args.model), "model"
+    try:
+        model = load_model(path, device="cpu")
+    except (FileNotFoundError, CheckpointError) as err:
+        print(f"demoe: {err}", file=sys.stderr)
+        return 2
     meta = dict(model.metadata)
     record = meta.pop("training", {})
-    print(f"default model: {path}")
+    print(f"{title}: {path}")
     print(f"  config: {json.dumps(model.config)}, top_k={model.k_used}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     print(f"  input convention: {json.dumps(meta.get('input_convention'))}")
@@ -184,7 +192,9 @@ def _stage_lines(record: dict) -> list[str]:
     if "data" in record:
         lines.append(f"data: {record['data']}")
     elif "photos" in record:
-        lines.append(f"data: {record['photos']} photographs + dead leaves")
+        pairs = (record.get("config") or {}).get("pairs") or []
+        lines.append(f"data: {record['photos']} photographs + dead leaves"
+                     + (f" + real pairs {', '.join(pairs)}" if pairs else ""))
     return lines
 
 
@@ -212,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_deblur)
 
-    i = sub.add_parser("info", help="versions, devices and the default model")
+    i = sub.add_parser("info", help="versions, devices and a model's config and training record")
+    i.add_argument("model", nargs="?", metavar="MODEL",
+                   help="checkpoint file or training run folder (default: the packaged model)")
     i.set_defaults(func=run_info)
 
     from .train import build_parser as train_parser
