@@ -176,6 +176,14 @@ def test_info_on_a_run_folder_or_checkpoint(tmp_path, tiny_model, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
+def test_python_dash_m_demoe_is_the_command():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "demoe", "deblur", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "usage: demoe deblur" in run.stdout
+
+
 def test_help_everywhere(capsys):
     for argv in (["--help"], ["deblur", "--help"], ["info", "--help"], ["train", "--help"]):
         with pytest.raises(SystemExit) as e:
