@@ -192,6 +192,43 @@ def test_help_everywhere(capsys):
     assert "--time-limit" in capsys.readouterr().out
 
 
+def test_ctrl_c_during_training_keeps_the_steps_done(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from demoe import train as train_module
+
+    real, calls = train_module.batch_losses, []
+
+    def interrupted_on_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "batch_losses", interrupted_on_third_step)
+    out = tmp_path / "run"
+    argv = ["train", "--width", "4", "--enc-blk-nums", "1", "1", "--dec-blk-nums", "1", "1", "--middle-blk-num", "1",
+            "--patch", "32", "--batch", "2", "--workers", "0", "--steps", "4", "--warmup", "1",
+            "--ckpt-every", "100", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 130
+    assert "interrupted at step 2" in capsys.readouterr().err
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2  # not the last checkpoint (none yet)
+    assert not (out / "model.safetensors").exists()
+    monkeypatch.setattr(train_module, "batch_losses", real)
+    assert cli.main(argv) == 0
+    assert "resumed from" in capsys.readouterr().err and (out / "model.safetensors").is_file()
+
+
+def test_ctrl_c_during_deblur_is_one_line(folder, tmp_path, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("demoe.api.deblur", interrupt)
+    assert cli.main(["deblur", str(folder / "img2.png"), "-o", str(tmp_path / "out"), "-q"]) == 130
+    assert capsys.readouterr().err.strip().endswith("demoe: interrupted")
+    assert not list((tmp_path / "out").glob("*"))
+
+
 def test_train_command_runs_and_resumes(tmp_path):
     args = ["train", "--width", "4", "--enc-blk-nums", "1", "1", "--dec-blk-nums", "1", "1", "--middle-blk-num", "1",
             "--patch", "32", "--batch", "2", "--workers", "0", "--steps", "3", "--warmup", "1", "--ckpt-every", "2",

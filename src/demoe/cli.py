@@ -239,7 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "device", None) == "auto":
         args.device = None
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (finished outputs are complete files)
+        print("demoe: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -295,54 +295,64 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     it = iter(loader)
     running = []
     probe = (session["start_step"] + 20, session["start_step"] + 120)  # steps timed for fit_to_time
-    while step < cfg.steps:
-        elapsed = time.time() - t0
-        if cfg.time_limit and elapsed > cfg.time_limit * 60:
-            print(f"time limit reached at step {step}", file=sys.stderr)
-            break
-        if step == probe[0]:
-            t_probe = time.time()
-        if cfg.fit_to_time and cfg.time_limit and step == probe[1]:
-            rate = (probe[1] - probe[0]) / (time.time() - t_probe)
-            fitted = step + int(rate * (cfg.time_limit * 60 - elapsed) * 0.97)
-            if fitted < cfg.steps:
-                cfg = dataclasses.replace(cfg, steps=fitted)
+    try:
+        while step < cfg.steps:
+            elapsed = time.time() - t0
+            if cfg.time_limit and elapsed > cfg.time_limit * 60:
+                print(f"time limit reached at step {step}", file=sys.stderr)
+                break
+            if step == probe[0]:
+                t_probe = time.time()
+            if cfg.fit_to_time and cfg.time_limit and step == probe[1]:
+                rate = (probe[1] - probe[0]) / (time.time() - t_probe)
+                fitted = step + int(rate * (cfg.time_limit * 60 - elapsed) * 0.97)
+                if fitted < cfg.steps:
+                    cfg = dataclasses.replace(cfg, steps=fitted)
+                    if bar is not None:
+                        bar.total = fitted
+                    print(f"{rate:.2f} steps/s: schedule fitted to {fitted} steps", file=sys.stderr, flush=True)
+            blurry, sharp, label = next(it)
+            blurry, sharp, label = (t.to(device, non_blocking=True) for t in (blurry, sharp, label))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            with autocast:
+                loss, ce, logits, pred = batch_losses(model, cfg, blurry, sharp, label)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for name, p in trained.items():
+                        ema[name].lerp_(p.detach(), 1 - cfg.ema)
+            step += 1
+            acc = float((logits.argmax(1) == label).float().mean())
+            gain = 0.0 if pred is None else batch_psnr(pred.detach(), sharp) - batch_psnr(blurry, sharp)
+            running.append((gain, float(ce.detach()), acc))
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                gain, ce_m, acc_m = np.mean(running, axis=0)
+                running.clear()
+                shown = "" if cfg.router_only else f" gain {gain:+.2f} dB"  # no restoration to score
+                msg = f"step {step} loss {float(loss.detach()):.3f}{shown} ce {ce_m:.3f} route-acc {acc_m:.2f}"
                 if bar is not None:
-                    bar.total = fitted
-                print(f"{rate:.2f} steps/s: schedule fitted to {fitted} steps", file=sys.stderr, flush=True)
-        blurry, sharp, label = next(it)
-        blurry, sharp, label = (t.to(device, non_blocking=True) for t in (blurry, sharp, label))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        with autocast:
-            loss, ce, logits, pred = batch_losses(model, cfg, blurry, sharp, label)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                for name, p in trained.items():
-                    ema[name].lerp_(p.detach(), 1 - cfg.ema)
-        step += 1
-        acc = float((logits.argmax(1) == label).float().mean())
-        gain = 0.0 if pred is None else batch_psnr(pred.detach(), sharp) - batch_psnr(blurry, sharp)
-        running.append((gain, float(ce.detach()), acc))
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            gain, ce_m, acc_m = np.mean(running, axis=0)
-            running.clear()
-            shown = "" if cfg.router_only else f" gain {gain:+.2f} dB"  # no restoration to score
-            msg = f"step {step} loss {float(loss.detach()):.3f}{shown} ce {ce_m:.3f} route-acc {acc_m:.2f}"
+                    bar.set_postfix_str(msg.split(" ", 2)[2])
+                if not progress:
+                    print(msg, file=sys.stderr, flush=True)
             if bar is not None:
-                bar.set_postfix_str(msg.split(" ", 2)[2])
-            if not progress:
-                print(msg, file=sys.stderr, flush=True)
+                bar.update(1)
+            if step % cfg.ckpt_every == 0:
+                session["end_step"] = step
+                session["wall_time_s"] = time.time() - t0
+                save_checkpoint()
+    except KeyboardInterrupt:  # Ctrl-C: keep every finished step, then let the caller stop
         if bar is not None:
-            bar.update(1)
-        if step % cfg.ckpt_every == 0:
-            session["end_step"] = step
-            session["wall_time_s"] = time.time() - t0
-            save_checkpoint()
+            bar.close()
+        session["end_step"] = step
+        session["wall_time_s"] = time.time() - t0
+        save_checkpoint()
+        print(f"interrupted at step {step}: saved {ckpt_path}; run the same command again to resume",
+              file=sys.stderr)
+        raise
     if bar is not None:
         bar.close()
     session["end_step"] = step
@@ -410,7 +420,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as err:
         print(f"demoe train: error: {err}", file=sys.stderr)
         return 2
-    path = train(cfg, progress=not args.no_progress)
+    try:
+        path = train(cfg, progress=not args.no_progress)
+    except KeyboardInterrupt:  # train() saved last.pt and said how to resume
+        return 130
     print(f"wrote {path}")
     return 0
 
