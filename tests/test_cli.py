@@ -184,6 +184,16 @@ def test_python_dash_m_demoe_is_the_command():
     assert run.returncode == 0 and "usage: demoe deblur" in run.stdout
 
 
+def test_output_piped_into_head_is_not_a_traceback():
+    import subprocess
+    import sys
+
+    # `true` exits without reading, so every write of `demoe info` meets a closed pipe.
+    run = subprocess.run(f"('{sys.executable}' -m demoe info; echo status=$? >&2) | true", shell=True,
+                         capture_output=True, text=True)
+    assert "status=141" in run.stderr and "Traceback" not in run.stderr and "Exception" not in run.stderr, run.stderr
+
+
 def test_help_everywhere(capsys):
     for argv in (["--help"], ["deblur", "--help"], ["info", "--help"], ["train", "--help"]):
         with pytest.raises(SystemExit) as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -240,10 +241,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "device", None) == "auto":
         args.device = None
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
+        return status
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (finished outputs are complete files)
         print("demoe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`demoe info | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 141
 
 
 if __name__ == "__main__":
