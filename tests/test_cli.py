@@ -171,6 +171,7 @@ def test_info_on_a_run_folder_or_checkpoint(tmp_path, tiny_model, capsys):
     text = capsys.readouterr().out
     assert f"model: {tmp_path / 'run'}" in text and "training: steps 0-7 on test rig, 1.0 min" in text
     assert "data: 3 photographs + dead leaves + real pairs scope/:defocus" in text
+    assert "input convention: not recorded in the file" in text  # saved without one
     assert '"width": 4' in text and "default model" not in text
     assert cli.main(["info", str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

@@ -177,7 +177,9 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"{title}: {path}")
     print(f"  config: {json.dumps(model.config)}, top_k={model.k_used}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    print(f"  input convention: {json.dumps(meta.get('input_convention'))}")
+    convention = meta.get("input_convention")
+    print("  input convention: " + (json.dumps(convention) if convention else
+                                    "not recorded in the file (published DeMoE: RGB in [0, 1], float32)"))
     for stage in training_stages(record):
         for line in _stage_lines(stage):
             print("  " + line)
