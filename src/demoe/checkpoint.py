@@ -89,18 +89,25 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
 
 
+RUN_WEIGHTS = "model.safetensors"  # what a training run exports into its folder
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The file a checkpoint path names: a training run folder stands for its exported weights."""
+    path = Path(path)
+    return path / RUN_WEIGHTS if path.is_dir() else path
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read ``(state_dict, metadata)`` from a ``.pt``/``.pth``/``.safetensors`` file or a run folder.
 
     Never unpickles anything but tensors and plain containers.
     """
-    path = Path(path)
-    if path.is_dir():  # a training run folder: its exported weights
-        if not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{path} is a folder without model.safetensors: give a checkpoint file "
-                                    "(a training run writes model.safetensors when it ends; last.pt holds the "
-                                    "weights while it runs)")
-        path = path / "model.safetensors"
+    given, path = Path(path), checkpoint_file(path)
+    if given.is_dir() and not path.is_file():
+        raise FileNotFoundError(f"{given} is a folder without {RUN_WEIGHTS}: give a checkpoint file "
+                                f"(a training run writes {RUN_WEIGHTS} when it ends; last.pt holds the "
+                                "weights while it runs)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":

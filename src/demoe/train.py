@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import default_weights_path, model_from_state_dict, read_checkpoint, resolve_device, save_model
+from .checkpoint import (RUN_WEIGHTS, checkpoint_file, default_weights_path, model_from_state_dict, read_checkpoint,
+                         resolve_device, save_model)
 from .model import TASKS, DeMoE
 from .tasks import task_index
 
@@ -132,7 +133,7 @@ class TrainConfig:
             raise ValueError("router_only needs --init: a router alone cannot be trained on an untrained encoder")
         if self.init and not init_path(self.init).is_file():
             raise FileNotFoundError(f"--init: checkpoint not found: {self.init}"
-                                    + (" (the folder has no model.safetensors)" if Path(self.init).is_dir() else ""))
+                                    + (f" (the folder has no {RUN_WEIGHTS})" if Path(self.init).is_dir() else ""))
         for folder in self.photos:
             if not Path(folder).exists():
                 raise FileNotFoundError(f"--photos: image folder not found: {folder}")
@@ -182,8 +183,7 @@ def init_path(init: str) -> Path:
     """The file ``--init`` names: 'packaged' is the packaged weights, a run folder its model.safetensors."""
     if init == "packaged" and not Path(init).exists():
         return default_weights_path()
-    path = Path(init)
-    return path / "model.safetensors" if path.is_dir() else path
+    return checkpoint_file(init)
 
 
 def build_model(cfg: TrainConfig) -> tuple[DeMoE, dict]:
@@ -364,7 +364,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     patch = int(init_meta.get("patch_size") or cfg.patch) if cfg.router_only else cfg.patch
     if ema is not None:
         model.load_state_dict({**model.state_dict(), **ema})  # last.pt keeps the raw weights for resuming
-    return export(model, out / "model.safetensors", cfg, record, patch)
+    return export(model, out / RUN_WEIGHTS, cfg, record, patch)
 
 
 def export(model: DeMoE, path: Path, cfg: TrainConfig, record: dict, patch: int) -> Path:
