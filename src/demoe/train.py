@@ -269,6 +269,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         torch.backends.cudnn.allow_tf32 = True
 
     def save_checkpoint():
+        """Write last.pt, with this session's record brought up to the current step."""
+        session["end_step"] = step
+        session["wall_time_s"] = time.time() - t0
+        record["wall_time_s"] = sum(s.get("wall_time_s", 0.0) for s in record["sessions"])
         record["steps"] = step
         state = {"params": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                  "record": json.dumps(record), "config": json.dumps(dataclasses.asdict(cfg))}
@@ -341,23 +345,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             if bar is not None:
                 bar.update(1)
             if step % cfg.ckpt_every == 0:
-                session["end_step"] = step
-                session["wall_time_s"] = time.time() - t0
                 save_checkpoint()
     except KeyboardInterrupt:  # Ctrl-C: keep every finished step, then let the caller stop
         if bar is not None:
             bar.close()
-        session["end_step"] = step
-        session["wall_time_s"] = time.time() - t0
         save_checkpoint()
         print(f"interrupted at step {step}: saved {ckpt_path}; run the same command again to resume",
               file=sys.stderr)
         raise
     if bar is not None:
         bar.close()
-    session["end_step"] = step
-    session["wall_time_s"] = time.time() - t0
-    record["wall_time_s"] = sum(s.get("wall_time_s", 0.0) for s in record["sessions"])
     save_checkpoint()
     # deblur() sizes its tiles from the patch the restoration was trained on; training the
     # router alone (on any patch size) does not change it.
@@ -394,7 +391,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         if f.metadata["metavar"]:
             kw["metavar"] = f.metadata["metavar"]
         if isinstance(default, bool):
-            kw.pop("metavar", None)
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, list):
             group.add_argument(flag, nargs="*", type=int if f.name.endswith("nums") else str, **kw)
