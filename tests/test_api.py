@@ -1,5 +1,6 @@
 import warnings
 
+import dask.array as da
 import numpy as np
 import pytest
 import torch
@@ -150,6 +151,8 @@ def test_ensemble_averages_the_restored_flips_and_transposes(tiny_model):
         (np.zeros((4, 4)), {"ensemble": True}, ValueError, "ensemble must be one of 1, 2, 4, 8"),
         (np.zeros((4, 4)), {"ensemble": np.array([2, 4])}, ValueError, "ensemble must be one of 1, 2, 4, 8"),
         (np.zeros((4, 4)), {"ensemble": 4.0}, ValueError, "ensemble must be one of 1, 2, 4, 8"),
+        (np.zeros((4, 4)), {"preserve_mean": "yes"}, ValueError, "preserve_mean must be True, False or None"),
+        (da.zeros((4, 4), chunks=2), {"preserve_mean": True}, ValueError, r"needs each whole plane.*np.asarray"),
     ],
 )
 def test_bad_input_clear_errors(identity_model, image, kwargs, err, match):
@@ -204,6 +207,27 @@ def test_tile_routing_runs(tiny_model):
     assert a.shape == img.shape and np.isfinite(a).all()
     assert abs(sum(info["probabilities"].values()) - 1) < 1e-5  # mean of the tiles' own routings
     assert info["task"] in TASKS and not info["forced"]
+
+
+def test_tile_routing_where_only_part_is_low_light(default_model):
+    """Per-tile routing: the under-exposed half is brightened, the rest keeps its exposure."""
+    from skimage import data
+
+    from demoe.degrade import degrade
+
+    sharp = data.astronaut()[100:196, 100:260].astype(np.float32) / 255
+    two = np.concatenate([degrade(sharp[:, :80], "defocus", rng=1).blurry,
+                          degrade(sharp[:, 80:], "low_light", rng=2).blurry], axis=1)
+    out, info = deblur(two, model=default_model, routing="tile", tile_size=32, overlap=8, return_info=True)
+    assert sum(info["tile_tasks"].values()) == info["tiles"] and "low_light" in info["tile_tasks"]
+    assert len(info["tile_tasks"]) > 1 and list(info["tile_tasks"].values()) == sorted(info["tile_tasks"].values())[::-1]
+    assert out[:, 96:].mean() > two[:, 96:].mean() + 0.03  # the low-light side is brightened...
+    assert out[:, :64].mean() == pytest.approx(two[:, :64].mean(), abs=0.005)  # ...and the plane not shifted back
+    whole, info = deblur(two, model=default_model, tile_size=32, overlap=8, return_info=True)
+    assert "tile_tasks" not in info and info["task"] != "low_light"
+    assert whole.mean() == pytest.approx(two.mean(), abs=1e-3)  # one routing, not low light: mean kept
+    kept = deblur(two, model=default_model, routing="tile", tile_size=32, overlap=8, preserve_mean=True)
+    assert kept.mean() == pytest.approx(two.mean(), abs=1e-3)
 
 
 def test_tile_streams_match_one_stream(tiny_model):
@@ -382,6 +406,9 @@ def test_preserve_mean_against_a_darkening_expert():
     # The low-light expert is meant to change the exposure: not corrected by default.
     low = deblur(img, model=dark, task="low_light", device="cpu")
     np.testing.assert_array_equal(low, raw)
+    # ... unless asked to (a microscopist whose photon-limited data is detected as low light).
+    low_kept = deblur(img, model=dark, task="low_light", device="cpu", preserve_mean=True)
+    assert abs(low_kept.mean() - img.mean()) < 0.5
     stack = np.random.default_rng(1).integers(100, 3000, (2, 30, 30), dtype=np.uint16)
     out = deblur(stack, model=dark, task="defocus", device="cpu")
     for z in range(2):

@@ -6,6 +6,7 @@ import contextlib
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -360,13 +361,17 @@ def deblur(
         for numpy input also ``tile_shape`` (the tiles actually used: the planner
         may shrink ``tile_size`` to fit the image) and ``computed`` (pixels the
         network computed per image pixel, the cost of overlap, margins and
-        ``ensemble``; None for dask input).
+        ``ensemble``; None for dask input). With ``routing='tile'`` on numpy
+        input, ``tile_tasks`` counts the tiles each expert restored (the
+        ``task`` is then the top of the tiles' mean routing).
     preserve_mean : bool, optional
         Shift every restored plane back to its input's mean intensity, so a
-        deblur never re-exposes the data. Default: on, except when the
-        ``low_light`` expert is used (its job is to change the exposure).
+        deblur never re-exposes the data. Default: on, except where the
+        ``low_light`` expert is used (its job is to change the exposure): with
+        ``routing='tile'``, a plane where any tile went to it is left as it is.
         Needed because the ``synth_global_motion`` expert, trained on frames
-        averaged in linear light, darkens by 1-3 %. Not applied to dask input.
+        averaged in linear light, darkens by 1-3 %. Not applied to dask input
+        (it needs the whole plane); True with dask input is a ValueError.
     tlc : bool or int
         Test-time local converter (Chu et al., 2022): the channel attention
         averages over a local window instead of the whole tile, so a tile
@@ -430,6 +435,12 @@ def deblur(
     if isinstance(ensemble, bool) or not isinstance(ensemble, (int, np.integer)) or ensemble not in ENSEMBLES:
         raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLES))} (copies of each tile averaged), "
                          f"got {ensemble!r}")
+    if preserve_mean not in (None, True, False):
+        raise ValueError(f"preserve_mean must be True, False or None (default: on unless low light is used), "
+                         f"got {preserve_mean!r}")
+    if is_dask and preserve_mean:
+        raise ValueError("preserve_mean=True needs each whole plane, which a lazy dask array does not give; "
+                         "compute it first (np.asarray(image)) or leave preserve_mean at None")
     axis = _resolve_channel_axis(arr.shape, channel_axis)
 
     dev = resolve_device(device)
@@ -635,15 +646,27 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
                              pool=pool, streams=s["streams"], ensemble=s["ensemble"])
             tiling.stitch(read, runner, write, h, w, tile=s["tile"], overlap=s["ovl"], multiple=s["multiple"],
                           batch_size=s["batch"] * s["streams"], progress=report)
-            used = _routing_info(s["task"], probs_all[first:], net)["task"]
-            keep = s["preserve_mean"] if s["preserve_mean"] is not None else used != "low_light"
+            # The low-light expert is meant to change the exposure: by default, a plane where it
+            # restored anything (the whole plane, or some of its tiles) keeps its new mean.
+            used = _experts_used(s["task"], probs_all[first:], net)
+            keep = s["preserve_mean"] if s["preserve_mean"] is not None else "low_light" not in used
             if keep:
                 _match_mean(out[p], plane, chans)
     if report is not None:
         report.close()
     info = _routing_info(s["task"], probs_all, net)
+    if s["task"] is None and s["routing"] == "tile":
+        info["tile_tasks"] = dict(Counter(_experts_used(None, probs_all, net)).most_common())
     info.update(tiles=total, tile_shape=plan["tile_shape"], computed=plan["computed"] * s["ensemble"])
     return out.reshape(moved.shape), info
+
+
+def _experts_used(task, records, net) -> list[str]:
+    """The expert that restored each routed tile (its top routing weight), or the forced one."""
+    if task is not None:
+        return [task]
+    names = TASKS[: net.num_exp]
+    return [names[int(np.argmax(p))] for p in records]
 
 
 def _routing_info(task, probs_all, net) -> dict:
