@@ -77,6 +77,61 @@ def test_deblur_ensemble_option(tmp_path, tiny_model, monkeypatch, capsys):
     assert exc.value.code == 2 and "--ensemble: invalid choice: 3" in capsys.readouterr().err
 
 
+def test_deblur_routing_and_preserve_mean_options(tmp_path, tiny_model, monkeypatch, capsys):
+    import torch
+
+    from demoe import deblur
+
+    from skimage import data
+
+    from demoe.degrade import degrade
+
+    tiles = ["--tile-size", "32", "--overlap", "8"]
+    # --routing tile, with the packaged model: a photo defocused on the left, under-exposed on the right.
+    sharp = data.astronaut()[100:196, 100:260].astype(np.float32) / 255
+    two = np.concatenate([degrade(sharp[:, :80], "defocus", rng=1).blurry,
+                          degrade(sharp[:, 80:], "low_light", rng=2).blurry], axis=1)
+    np.save(tmp_path / "two.npy", two)
+    capsys.readouterr()
+    assert cli.main(["deblur", str(tmp_path / "two.npy"), "-o", str(tmp_path / "tile"), "-q", "--routing", "tile",
+                     *tiles]) == 0
+    line = capsys.readouterr().out
+    assert "two.npy: per tile: " in line and "low_light " in line  # tiles per expert
+    expected = deblur(two, routing="tile", tile_size=32, overlap=8)
+    assert np.abs(expected - deblur(two, tile_size=32, overlap=8)).max() > 0.1  # the option matters
+    np.testing.assert_allclose(np.load(tmp_path / "tile" / "two_deblurred.npy"), expected, atol=1e-6)
+
+    img = np.random.default_rng(6).random((96, 80)).astype(np.float32)
+    np.save(tmp_path / "plane.npy", img)
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: tiny_model)
+
+    # --preserve-mean: the low-light expert (here one that darkens by 0.1) keeps the mean as well.
+    with torch.no_grad():
+        tiny_model.ending.weight.zero_()
+        tiny_model.ending.bias.fill_(-0.1)
+    for flag, out in (([], "plain"), (["--preserve-mean"], "kept")):
+        assert cli.main(["deblur", str(tmp_path / "plane.npy"), "-o", str(tmp_path / out), "-q", "-t", "low_light",
+                         *tiles, *flag]) == 0
+    plain, kept = (np.load(tmp_path / out / "plane_deblurred.npy") for out in ("plain", "kept"))
+    assert img.mean() - plain.mean() == pytest.approx(0.1, abs=0.01)
+    assert kept.mean() == pytest.approx(img.mean(), abs=1e-4)
+
+    # Not for a lazy zarr store: that file fails with the reason, the others go on.
+    da = pytest.importorskip("dask.array")
+    pytest.importorskip("zarr")
+    da.from_array(img, chunks=(48, 40)).to_zarr(str(tmp_path / "big.zarr"))
+    capsys.readouterr()
+    rc = cli.main(["deblur", str(tmp_path / "big.zarr"), str(tmp_path / "plane.npy"), "-o", str(tmp_path / "z"), "-q",
+                   "--preserve-mean", *tiles])
+    err = capsys.readouterr()
+    assert rc == 1 and "big.zarr: FAILED: preserve_mean=True needs each whole plane" in err.out + err.err
+    assert "1 deblurred, 0 skipped, 1 failed" in err.err
+    for bad in (["--routing", "pixel"],):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["deblur", str(tmp_path / "plane.npy"), *bad])
+        assert exc.value.code == 2 and "--routing: invalid choice" in capsys.readouterr().err
+
+
 def test_existing_outputs_need_overwrite(folder, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["deblur", str(folder / "img2.png"), "-o", str(out), "-q"]

@@ -57,6 +57,33 @@ def test_routing_text():
                               "synth_global_motion": 0.0, "low_light": 0.0}, "forced": False, "task": "defocus"}
     assert routing_text(info).startswith("Detected:\nDefocus: 70%\nCamera shake: 20%")
     assert routing_text({"forced": True, "task": "low_light", "probabilities": {}}) == "Expert used: Low light (chosen)"
+    tiles = {**info, "tile_tasks": {"local_motion": 5, "low_light": 1}}
+    assert routing_text(tiles) == "Per tile:\nMoving objects: 5 tiles\nLow light: 1 tile"
+
+
+def test_plain_function_keep_mean(tmp_path, tiny_model):
+    """Keep mean intensity: also under the low-light expert; lazy data only when computed now."""
+    import torch
+
+    from demoe import save_model
+
+    da = pytest.importorskip("dask.array")
+    with torch.no_grad():  # every expert darkens by 0.1
+        tiny_model.ending.weight.zero_()
+        tiny_model.ending.bias.fill_(-0.1)
+    dark = str(save_model(tiny_model, tmp_path / "dark.safetensors"))
+    img = np.random.default_rng(0).random((2, 40, 40)).astype(np.float32) * 0.5 + 0.25
+    plain, _ = deblur_layer_data(img, rgb=False, settings=DeblurSettings(checkpoint=dark, task="low_light"))
+    assert img.mean() - plain.mean() == pytest.approx(0.1, abs=0.01)
+    kept, _ = deblur_layer_data(img, rgb=False, settings=DeblurSettings(checkpoint=dark, task="low_light",
+                                                                        keep_mean=True))
+    assert kept.mean() == pytest.approx(img.mean(), abs=1e-4)
+    lazy = da.from_array(img, chunks=(1, 20, 20))
+    with pytest.raises(ValueError, match="tick 'Compute lazy"):
+        deblur_layer_data(lazy, rgb=False, settings=DeblurSettings(checkpoint=dark, task="low_light", keep_mean=True))
+    now, _ = deblur_layer_data(lazy, rgb=False, settings=DeblurSettings(checkpoint=dark, task="low_light",
+                                                                        keep_mean=True, compute=True))
+    np.testing.assert_allclose(now, kept, atol=1e-6)
 
 
 # -- the widget in napari -------------------------------------------------------------------
@@ -114,9 +141,32 @@ def test_widget_self_ensemble_setting(make_napari_viewer, qtbot, use_model):
     widget.device.value = "cpu"
     shown = widget.settings()
     assert (shown.ensemble, shown.device, shown.tile_size) == (4, "cpu", 256)
+    widget.routing_mode.value = "tile"
+    assert widget.settings().routing == "tile"
     widget.advanced.value = False  # hidden advanced settings are not applied, none of them
     hidden = widget.settings()
-    assert (hidden.ensemble, hidden.device, hidden.tile_size, hidden.overlap) == (1, None, None, None)
+    assert (hidden.ensemble, hidden.device, hidden.tile_size, hidden.overlap, hidden.routing) == (1, None, None, None,
+                                                                                                  "image")
+    assert not widget.keep_mean.native.isHidden()  # not an advanced setting
+    widget.keep_mean.value = True
+    assert widget.settings().keep_mean
+
+
+def test_widget_per_tile_routing(make_napari_viewer, qtbot, use_model):
+    viewer = make_napari_viewer()
+    widget = DeblurWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    img = np.random.default_rng(3).random((64, 64)).astype(np.float32)
+    viewer.add_image(img, name="plane")
+    widget.advanced.value = True
+    widget.auto_tiles.value = False
+    widget.tile_size.value, widget.overlap.value = 32, 8
+    widget.routing_mode.value = "tile"
+    widget.run()
+    _wait(qtbot, widget)
+    meta = viewer.layers["plane deblurred"].metadata["demoe"]
+    assert meta["settings"]["routing"] == "tile" and sum(meta["tile_tasks"].values()) == meta["tiles"]
+    assert widget.routing.value.startswith("Per tile:\n")
 
 
 def test_widget_processes_every_plane_and_rgb(make_napari_viewer, qtbot, use_model, identity_ckpt):

@@ -107,7 +107,8 @@ def run_deblur(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, device=args.device)
     kwargs = dict(task=None if args.task == "auto" else args.task, model=model, device=args.device,
-                  tile_size=args.tile_size, overlap=args.overlap, ensemble=args.ensemble)
+                  tile_size=args.tile_size, overlap=args.overlap, ensemble=args.ensemble, routing=args.routing,
+                  preserve_mean=True if args.preserve_mean else None)
     failed = skipped = 0
     bar = tqdm(plan, unit="image", desc="images", disable=args.quiet)
     for src, dest in bar:
@@ -140,6 +141,8 @@ def run_deblur(args: argparse.Namespace) -> int:
         p = info["probabilities"].get(info["task"]) if info.get("task") else None
         how = "forced" if info.get("forced") else "detected"
         label = f"{info['task']} ({how}, p={p:.2f})" if p is not None else "routing n/a"
+        if info.get("tile_tasks"):
+            label = "per tile: " + ", ".join(f"{task} {n}" for task, n in info["tile_tasks"].items())
         tqdm.write(f"{src}: {label} -> {dest} [{time.perf_counter() - t0:.1f} s]")
     done = len(plan) - failed - skipped
     print(f"{done} deblurred, {skipped} skipped, {failed} failed", file=sys.stderr)
@@ -212,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "beside their source are left out)")
     d.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (default: beside each input)")
     d.add_argument("-t", "--task", default="auto", choices=["auto", *TASKS], help="blur type (default: detect)")
+    d.add_argument("--preserve-mean", action="store_true",
+                   help="keep every plane's mean intensity, also where low light is detected (default: kept "
+                        "unless the low-light expert is used; not for .zarr)")
+    d.add_argument("--routing", default="image", choices=["image", "tile"],
+                   help="one blur type for the whole image (default), or one per tile for blur that varies "
+                        "across the image")
     d.add_argument("--model", metavar="PATH", help="checkpoint file or training run folder (default: the packaged model)")
     d.add_argument("--tile-size", type=int, metavar="N", help="tile size in pixels (default: by device)")
     d.add_argument("--overlap", type=int, metavar="N", help="tile overlap in pixels (default: tile/8)")

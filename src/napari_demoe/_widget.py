@@ -39,6 +39,8 @@ class DeblurSettings:
     plane: tuple[int, ...] | None = None  # leading-axis index: process this plane only
     compute: bool = False  # compute a dask layer now instead of lazily
     ensemble: int = 1  # orientations of every tile averaged (deblur's self-ensemble)
+    routing: str = "image"  # "tile": every tile routed on its own
+    keep_mean: bool = False  # keep every plane's mean even where low light is detected
 
 
 _models: dict[tuple[str | None, str | None], Any] = {}
@@ -65,12 +67,17 @@ def deblur_layer_data(data, *, rgb: bool, settings: DeblurSettings, progress=Non
 
     if settings.plane is not None:
         data = data[tuple(settings.plane)]
+    if settings.keep_mean and _is_lazy(data):
+        if not settings.compute:  # matching the mean needs the whole plane at once
+            raise ValueError("Keep mean intensity needs the whole image at once: tick 'Compute lazy (dask) data "
+                             "now' or untick Keep mean intensity")
+        data = np.asarray(data)
     model = get_model(settings.checkpoint, settings.device)
     out, info = demoe.deblur(data, task=None if settings.task == "auto" else settings.task, model=model,
                              channel_axis=-1 if rgb else None, tile_size=settings.tile_size,
                              overlap=settings.overlap, device=settings.device, progress=progress,
-                             ensemble=settings.ensemble,
-                             return_info=True)
+                             ensemble=settings.ensemble, routing=settings.routing,
+                             preserve_mean=True if settings.keep_mean else None, return_info=True)
     if settings.compute and hasattr(out, "compute"):
         out = out.compute()
     info["model"] = getattr(model, "source", "packaged default")
@@ -103,6 +110,9 @@ def routing_text(info: dict) -> str:
     probs = info.get("probabilities", {})
     if info.get("forced"):
         return f"Expert used: {TASK_LABELS.get(info['task'], info['task'])} (chosen)"
+    if info.get("tile_tasks"):
+        return "Per tile:\n" + "\n".join(f"{TASK_LABELS[t]}: {n} tile{'s' if n > 1 else ''}"
+                                          for t, n in info["tile_tasks"].items())
     if not probs or any(np.isnan(p) for p in probs.values()):
         return "Blur type: per tile"
     ranked = sorted(probs.items(), key=lambda kv: -kv[1])
@@ -123,6 +133,9 @@ class DeblurWidget(Container):
                              choices=[("Auto (detect)", "auto")] + [(TASK_LABELS[t], t) for t in TASKS])
         self.model = ComboBox(label="Model", choices=[DEFAULT_MODEL, CHECKPOINT], value=DEFAULT_MODEL)
         self.checkpoint = FileEdit(label="Checkpoint", mode="r", filter="*.pt *.pth *.safetensors", visible=False)
+        self.keep_mean = CheckBox(label="Keep mean intensity", value=False,
+                                  tooltip="Keep every plane's mean intensity, also where low light is detected "
+                                          "(that expert otherwise brightens the image)")
         self.scope = RadioButtons(label="Process", choices=["Whole stack", "Current plane (preview)"],
                                   value="Whole stack", orientation="horizontal")
         self.compute = CheckBox(label="Compute lazy (dask) data now", value=False)
@@ -135,14 +148,18 @@ class DeblurWidget(Container):
         self.device = ComboBox(label="Device", choices=lambda _: ["auto", *self._devices], visible=False)
         self.ensemble = ComboBox(label="Self-ensemble", value=1, visible=False,
                                  choices=[("Off", 1)] + [(f"{n} orientations ({n}x time)", n) for n in ENSEMBLES[1:]])
+        self.routing_mode = ComboBox(label="Routing", value="image", visible=False,
+                                     choices=[("One blur type for the image", "image"),
+                                              ("Per tile (blur varies across the image)", "tile")])
         self.run_button = PushButton(text="Deblur")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
         self.routing = Label(label="Blur type", value="–")
         self.status = Label(label="", value="")
 
-        self.extend([self.layer, self.task, self.model, self.checkpoint, self.scope, self.compute, self.advanced,
-                     self.auto_tiles, self.tile_size, self.overlap, self.device, self.ensemble, self.run_button,
+        self.extend([self.layer, self.task, self.keep_mean, self.model, self.checkpoint, self.scope, self.compute,
+                     self.advanced, self.auto_tiles, self.tile_size, self.overlap, self.device, self.ensemble,
+                     self.routing_mode, self.run_button,
                      self.cancel_button, self.progress, self.routing, self.status])
 
         self.model.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == CHECKPOINT))
@@ -182,7 +199,7 @@ class DeblurWidget(Container):
         return layer.ndim - 2  # napari's layer.ndim excludes the rgb channel axis
 
     def _toggle_advanced(self, on: bool):
-        for w in (self.auto_tiles, self.tile_size, self.overlap, self.device, self.ensemble):
+        for w in (self.auto_tiles, self.tile_size, self.overlap, self.device, self.ensemble, self.routing_mode):
             w.visible = on
 
     def _find_devices(self):
@@ -231,6 +248,8 @@ class DeblurWidget(Container):
             device=self.device.value if advanced and self.device.value != "auto" else None,
             plane=plane, compute=bool(self.compute.value),
             ensemble=int(self.ensemble.value) if advanced else 1,
+            routing=self.routing_mode.value if advanced else "image",
+            keep_mean=bool(self.keep_mean.value),
         )
 
     # -- running -------------------------------------------------------------------
