@@ -77,7 +77,7 @@ def test_deblur_ensemble_option(tmp_path, tiny_model, monkeypatch, capsys):
     assert exc.value.code == 2 and "--ensemble: invalid choice: 3" in capsys.readouterr().err
 
 
-def test_deblur_routing_and_preserve_mean_options(tmp_path, tiny_model, monkeypatch, capsys):
+def test_deblur_routing_and_preserve_mean_options(tmp_path, tiny_model, default_model, monkeypatch, capsys):
     import torch
 
     from demoe import deblur
@@ -97,8 +97,8 @@ def test_deblur_routing_and_preserve_mean_options(tmp_path, tiny_model, monkeypa
                      *tiles]) == 0
     line = capsys.readouterr().out
     assert "two.npy: per tile: " in line and "low_light " in line  # tiles per expert
-    expected = deblur(two, routing="tile", tile_size=32, overlap=8)
-    assert np.abs(expected - deblur(two, tile_size=32, overlap=8)).max() > 0.1  # the option matters
+    expected = deblur(two, model=default_model, routing="tile", tile_size=32, overlap=8)
+    assert np.abs(expected - deblur(two, model=default_model, tile_size=32, overlap=8)).max() > 0.1  # it matters
     np.testing.assert_allclose(np.load(tmp_path / "tile" / "two_deblurred.npy"), expected, atol=1e-6)
 
     img = np.random.default_rng(6).random((96, 80)).astype(np.float32)
@@ -168,6 +168,59 @@ def test_rerun_on_a_folder_skips_what_is_done(folder, capsys):
     assert "5 deblurred" in capsys.readouterr().err
     assert cli.main(["deblur", str(folder / "img2_deblurred.png"), "-q"]) == 0
     assert (folder / "img2_deblurred_deblurred.png").is_file()
+
+
+OME_XML = (  # as a microscope's software writes it: calibration, channel, planes, an instrument, file UUIDs
+    '<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+    'UUID="urn:uuid:11111111-2222-3333-4444-555555555555"><Instrument ID="Instrument:0"><Objective '
+    'ID="Objective:0:0" NominalMagnification="63.0" LensNA="1.4"/></Instrument><Image ID="Image:0" Name="scan_001">'
+    '<AcquisitionDate>2024-05-01T10:00:00</AcquisitionDate><InstrumentRef ID="Instrument:0"/><Pixels ID="Pixels:0" '
+    'DimensionOrder="XYZTC" Type="uint16" SizeX="40" SizeY="32" SizeZ="2" SizeT="2" SizeC="1" PhysicalSizeX="0.1" '
+    'PhysicalSizeXUnit="&#181;m" PhysicalSizeY="0.1" PhysicalSizeYUnit="&#181;m" PhysicalSizeZ="0.5" '
+    'PhysicalSizeZUnit="&#181;m" TimeIncrement="2.5" TimeIncrementUnit="s"><Channel ID="Channel:0:0" Name="mCherry" '
+    'SamplesPerPixel="1" EmissionWavelength="610" EmissionWavelengthUnit="nm"/><TiffData FirstC="0" FirstT="0" '
+    'FirstZ="0" IFD="0" PlaneCount="4"><UUID FileName="scan.ome.tif">urn:uuid:11111111-2222-3333-4444-555555555555'
+    '</UUID></TiffData>' + "".join(f'<Plane TheC="0" TheT="{t}" TheZ="{z}" DeltaT="{2.5 * t + 0.1 * z}" '
+                                  'ExposureTime="50"/>' for t in range(2) for z in range(2)) + '</Pixels></Image></OME>')
+
+
+def test_ome_tiff_keeps_its_metadata_and_name(tmp_path, identity_model, monkeypatch, capsys):
+    from demoe.files import split_name
+
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    data = np.random.default_rng(4).integers(0, 4000, (2, 2, 32, 40), dtype=np.uint16)
+    src = tmp_path / "in"
+    src.mkdir()
+    tifffile.imwrite(src / "scan.ome.tif", data, description=OME_XML, metadata=None, photometric="minisblack")
+    assert cli.main(["deblur", str(src), "-q"]) == 0
+    out = src / "scan_deblurred.ome.tif"  # still an .ome.tif, as OME readers (Bio-Formats, Fiji) expect
+    with tifffile.TiffFile(out) as tif:
+        assert tif.is_ome and tif.series[0].axes == "TZYX" and tif.series[0].dtype == np.uint16
+        np.testing.assert_array_equal(tif.series[0].asarray(), data)
+        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]
+        ome_uuid = tifffile.xml2dict(tif.ome_metadata)["OME"]["UUID"]
+    assert (pixels["PhysicalSizeX"], pixels["PhysicalSizeZ"], pixels["PhysicalSizeZUnit"]) == (0.1, 0.5, "µm")
+    assert (pixels["TimeIncrement"], pixels["TimeIncrementUnit"]) == (2.5, "s")
+    assert pixels["Channel"]["Name"] == "mCherry" and pixels["Channel"]["EmissionWavelength"] == 610
+    assert [p["DeltaT"] for p in pixels["Plane"]] == [0.0, 0.1, 2.5, 2.6]
+    assert "scan.ome.tif" not in str(pixels["TiffData"]) and "11111111" not in ome_uuid  # not the input's identity
+    # A second run on the folder knows the result for an earlier output.
+    capsys.readouterr()
+    assert cli.main(["deblur", str(src), "-q"]) == 0
+    assert "0 deblurred, 1 skipped" in capsys.readouterr().err
+    assert split_name("a.b.OME.TIFF") == ("a.b", ".OME.TIFF") and split_name("x.tif") == ("x", ".tif")
+    assert split_name(".ome.tif") == (".ome", ".tif")
+
+
+def test_ome_metadata_that_cannot_be_written_warns(tmp_path):
+    from demoe.files import Image, write_image
+
+    data = np.zeros((3, 8, 8), np.uint16)
+    bad = {"axes": "ZYX", "photometric": "minisblack", "ome": {"Pixels": {"DimensionOrder": "bogus"}}}
+    with pytest.warns(RuntimeWarning, match="OME metadata could not be written back"):
+        write_image(tmp_path / "x.ome.tif", Image(data, None, tiff=bad))
+    with tifffile.TiffFile(tmp_path / "x.ome.tif") as tif:
+        assert tif.series[0].axes == "ZYX" and tif.series[0].shape == (3, 8, 8)
 
 
 def test_default_output_beside_input(folder):

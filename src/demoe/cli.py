@@ -23,7 +23,7 @@ def collect_inputs(inputs: Sequence[str], recursive: bool,
     the second list. Files named on the command line are always taken.
     """
     from .data import natural_key
-    from .files import SUFFIXES
+    from .files import SUFFIXES, split_name
 
     found: list[tuple[Path, Path]] = []
     earlier: list[Path] = []
@@ -37,7 +37,8 @@ def collect_inputs(inputs: Sequence[str], recursive: bool,
             files = [f for f in files if not any(part.endswith(".zarr") for part in f.relative_to(p).parts[:-1])]
             names = set(files)
             for f in sorted(files, key=natural_key):
-                if suffix and f.stem.endswith(suffix) and f.with_name(f.stem[: -len(suffix)] + f.suffix) in names:
+                base, ext = split_name(f.name)
+                if suffix and base.endswith(suffix) and f.with_name(base[: -len(suffix)] + ext) in names:
                     earlier.append(f)
                 else:
                     found.append((f, f.relative_to(p)))
@@ -49,7 +50,10 @@ def collect_inputs(inputs: Sequence[str], recursive: bool,
 
 
 def output_path(src: Path, rel: Path, outdir: Path | None, suffix: str) -> Path:
-    name = src.stem + suffix + src.suffix
+    from .files import split_name
+
+    base, ext = split_name(src.name)
+    name = base + suffix + ext
     return (outdir / rel.parent / name) if outdir is not None else src.with_name(name)
 
 

@@ -2,7 +2,9 @@
 
 PNG/JPEG/BMP/WebP go through OpenCV (8- and 16-bit, gray/BGR/BGRA kept as
 stored, so ``bgr=True`` is used for them), TIFF through tifffile (multi-page,
-any dtype, ImageJ/OME axes and resolution carried over), ``.npy`` through
+any dtype, axes and resolution carried over; ImageJ spacing, unit and frame
+interval; OME-TIFF's image metadata: physical pixel sizes, time increment,
+channels, planes), ``.npy`` through
 numpy (no pickles). Every write goes to a temporary file in the destination
 folder and is renamed into place, so an interrupted run never leaves a
 half-written image.
@@ -11,6 +13,7 @@ half-written image.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,17 @@ import numpy as np
 OPENCV_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
 SUFFIXES = OPENCV_SUFFIXES | TIFF_SUFFIXES | {".npy"}
+#: Extensions of two parts, kept together when a name is changed (``x_deblurred.ome.tif``).
+COMPOUND_SUFFIXES = (".ome.tif", ".ome.tiff", ".ome.zarr")
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``(base, extension)``, with OME's two-part extensions kept whole."""
+    for ext in COMPOUND_SUFFIXES:
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)], name[-len(ext):]
+    path = Path(name)
+    return path.stem, path.suffix
 
 
 @dataclass
@@ -75,6 +89,11 @@ def _read_tiff(path: Path) -> Image:
                 info["resolutionunit"] = unit.value if unit is not None else None
             if page.description and not tif.is_imagej and not tif.is_ome:
                 info["description"] = page.description
+            if tif.is_ome and tif.ome_metadata:
+                image = tifffile.xml2dict(tif.ome_metadata).get("OME", {}).get("Image")
+                image = image[0] if isinstance(image, list) else image  # series 0 is what was read
+                if isinstance(image, dict):
+                    info["ome"] = image
     except (tifffile.TiffFileError, ValueError, OSError, IndexError) as err:
         raise ValueError(f"cannot read {path.name}: {err}") from err
     # Samples (S: RGB in one pixel) are colour; ImageJ channels (C) are separate gray planes.
@@ -127,6 +146,13 @@ def _write_tiff(tmp: Path, image: Image) -> None:
     photometric = info.get("photometric")
     if photometric in ("rgb", "minisblack"):
         kwargs["photometric"] = photometric
+    if "ome" in info:
+        try:
+            tifffile.imwrite(tmp, image.data, ome=True, metadata={**info["ome"], "axes": info["axes"]}, **kwargs)
+            return
+        except Exception as err:  # noqa: BLE001 - tifffile raises several kinds for metadata it cannot write
+            warnings.warn(f"the OME metadata could not be written back ({type(err).__name__}: {err}); "
+                          "the result is a plain TIFF with the same axes and resolution", RuntimeWarning, stacklevel=3)
     if "imagej" in info:
         meta = dict(info["imagej"])
         meta["axes"] = info["axes"].replace("S", "") if photometric == "rgb" else info["axes"]
