@@ -254,6 +254,37 @@ def test_zarr_in_zarr_out(tmp_path, identity_model, monkeypatch):
     np.testing.assert_array_equal(out[:], img)
 
 
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_ome_zarr_in_ome_zarr_out(tmp_path, identity_model, monkeypatch, capsys, zarr_format):
+    """An OME-Zarr image (0.4 in zarr v2, 0.5 in zarr v3): its full resolution, lazily, with its metadata."""
+    zarr = pytest.importorskip("zarr", minversion="3")
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    img = np.random.default_rng(1).integers(0, 4000, (2, 64, 48), dtype=np.uint16)
+    multiscales = [{"version": "0.4", "axes": [{"name": n, "type": "space"} for n in "zyx"], "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 0.2, 0.2]}]},
+        {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 0.4, 0.4]}]}]}]
+    root = zarr.open_group(str(tmp_path / "cells.ome.zarr"), mode="w", zarr_format=zarr_format)
+    root.attrs.update({"multiscales": multiscales} if zarr_format == 2 else
+                      {"ome": {"version": "0.5", "multiscales": multiscales}})
+    root.create_array("0", shape=img.shape, chunks=(1, 32, 24), dtype=img.dtype)[:] = img
+    root.create_array("1", shape=(2, 32, 24), chunks=(1, 32, 24), dtype=img.dtype)[:] = img[:, ::2, ::2]
+    rc = cli.main(["deblur", str(tmp_path / "cells.ome.zarr"), "-o", str(tmp_path / "out"), "-q",
+                   "--tile-size", "16", "--overlap", "4"])
+    assert rc == 0
+    out = zarr.open_group(str(tmp_path / "out" / "cells_deblurred.ome.zarr"), mode="r")
+    assert out.metadata.zarr_format == zarr_format and list(out.keys()) == ["0"]  # no stale lower levels
+    meta = dict(out.attrs) if zarr_format == 2 else out.attrs["ome"]
+    assert meta["multiscales"][0]["datasets"] == multiscales[0]["datasets"][:1]
+    assert meta["multiscales"][0]["axes"] == multiscales[0]["axes"]
+    np.testing.assert_array_equal(out["0"][:], img)
+    # A zarr group that is not an OME-Zarr image: one clear line.
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w").create_array("a", shape=(4, 4), dtype="f4")
+    capsys.readouterr()
+    assert cli.main(["deblur", str(tmp_path / "plain.zarr"), "-o", str(tmp_path / "out"), "-q"]) == 1
+    assert "plain.zarr: FAILED: plain.zarr is a zarr group without OME-Zarr 'multiscales' metadata" in \
+        capsys.readouterr().out
+
+
 def test_missing_input_and_empty_folder(tmp_path, capsys):
     assert cli.main(["deblur", str(tmp_path / "nope.png")]) == 2
     (tmp_path / "empty").mkdir()

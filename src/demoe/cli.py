@@ -58,19 +58,43 @@ def output_path(src: Path, rel: Path, outdir: Path | None, suffix: str) -> Path:
 
 
 def _deblur_zarr(src: Path, dest: Path, kwargs: dict) -> dict:
+    """A zarr array, or an OME-Zarr image (its full-resolution level), deblurred lazily into ``dest``."""
     import shutil
 
     import dask.array as da
+    import zarr
 
     from .api import deblur
 
-    arr = da.from_zarr(str(src))
+    node = zarr.open(str(src), mode="r")
+    attrs = None
+    if isinstance(node, zarr.Group):
+        attrs = dict(node.attrs)
+        ome = attrs.get("ome", attrs)  # OME-Zarr 0.5 nests its metadata under "ome"
+        multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
+        if not multiscales:
+            raise ValueError(f"{src.name} is a zarr group without OME-Zarr 'multiscales' metadata; "
+                             "accepted: a zarr array, or an OME-Zarr image")
+        level0 = multiscales[0]["datasets"][0]
+        arr = da.from_zarr(node[level0["path"]])
+        # Only the full resolution is written: the lower levels of the pyramid would be stale.
+        ome["multiscales"] = [{**multiscales[0], "datasets": [level0]}]
+    else:
+        arr = da.from_zarr(node)
     out, info = deblur(arr, return_info=True, **kwargs)
     tmp = dest.with_name(f".{dest.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        out.to_zarr(str(tmp))
+        if attrs is None:
+            out.to_zarr(str(tmp))
+        else:
+            fmt = getattr(getattr(node, "metadata", None), "zarr_format", None)
+            group = zarr.open_group(str(tmp), mode="w", **({"zarr_format": fmt} if fmt else {}))
+            group.attrs.update(attrs)
+            create = getattr(group, "create_array", None) or group.create_dataset  # zarr 3, zarr 2
+            target = create(level0["path"], shape=out.shape, chunks=out.chunksize, dtype=out.dtype)
+            da.store(out, target, lock=False)
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
