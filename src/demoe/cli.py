@@ -75,10 +75,8 @@ def _deblur_zarr(src: Path, dest: Path, kwargs: dict) -> dict:
         if not multiscales:
             raise ValueError(f"{src.name} is a zarr group without OME-Zarr 'multiscales' metadata; "
                              "accepted: a zarr array, or an OME-Zarr image")
-        level0 = multiscales[0]["datasets"][0]
-        arr = da.from_zarr(node[level0["path"]])
-        # Only the full resolution is written: the lower levels of the pyramid would be stale.
-        ome["multiscales"] = [{**multiscales[0], "datasets": [level0]}]
+        levels = multiscales[0]["datasets"]
+        arr = da.from_zarr(node[levels[0]["path"]])
     else:
         arr = da.from_zarr(node)
     out, info = deblur(arr, return_info=True, **kwargs)
@@ -91,10 +89,9 @@ def _deblur_zarr(src: Path, dest: Path, kwargs: dict) -> dict:
         else:
             fmt = getattr(getattr(node, "metadata", None), "zarr_format", None)
             group = zarr.open_group(str(tmp), mode="w", **({"zarr_format": fmt} if fmt else {}))
+            written = _write_pyramid(group, out, levels, [node[level["path"]] for level in levels])
+            ome["multiscales"] = [{**multiscales[0], "datasets": written}, *multiscales[1:]]
             group.attrs.update(attrs)
-            create = getattr(group, "create_array", None) or group.create_dataset  # zarr 3, zarr 2
-            target = create(level0["path"], shape=out.shape, chunks=out.chunksize, dtype=out.dtype)
-            da.store(out, target, lock=False)
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -102,6 +99,35 @@ def _deblur_zarr(src: Path, dest: Path, kwargs: dict) -> dict:
         if tmp.exists():
             shutil.rmtree(tmp)
     return info
+
+
+def _write_pyramid(group, full, levels: list[dict], sources: list) -> list[dict]:
+    """Write ``full`` as the first level and remake the input's lower levels from it.
+
+    Each lower level is the block mean of the level above it, by the factors
+    between the input's own levels (read back from the store, so the network
+    runs once). Returns the levels written (a level that would be empty ends it).
+    """
+    import dask.array as da
+    import numpy as np
+
+    create = getattr(group, "create_array", None) or group.create_dataset  # zarr 3, zarr 2
+    target = create(levels[0]["path"], shape=full.shape, chunks=full.chunksize, dtype=full.dtype)
+    da.store(full, target, lock=False)
+    written, above = [levels[0]], da.from_zarr(target)
+    for level, upper, lower in zip(levels[1:], sources, sources[1:]):
+        factors = {ax: max(1, round(a / max(b, 1))) for ax, (a, b) in enumerate(zip(upper.shape, lower.shape))}
+        if any(above.shape[ax] < f for ax, f in factors.items()):
+            break
+        mean = da.coarsen(np.mean, above.astype(np.float64), factors, trim_excess=True)
+        if np.issubdtype(full.dtype, np.integer):
+            mean = mean.round()
+        chunks = tuple(min(c, n) for c, n in zip(lower.chunks, mean.shape))
+        target = create(level["path"], shape=mean.shape, chunks=chunks, dtype=full.dtype)
+        da.store(mean.astype(full.dtype).rechunk(chunks), target, lock=False)
+        written.append(level)
+        above = da.from_zarr(target)
+    return written
 
 
 def run_deblur(args: argparse.Namespace) -> int:
