@@ -132,6 +132,21 @@ def test_deblur_routing_and_preserve_mean_options(tmp_path, tiny_model, default_
         assert exc.value.code == 2 and "--routing: invalid choice" in capsys.readouterr().err
 
 
+def test_float_tiff_with_nan_keeps_them(tmp_path, identity_model, monkeypatch, capsys):
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    img = np.random.default_rng(7).random((40, 48)).astype(np.float32) * 500
+    img[:, :6] = np.nan  # e.g. blank sky outside an astronomical exposure
+    tifffile.imwrite(tmp_path / "sky.tif", img)
+    assert cli.main(["deblur", str(tmp_path / "sky.tif"), "-q"]) == 0
+    out = tifffile.imread(tmp_path / "sky_deblurred.tif")
+    assert np.array_equal(np.isnan(out), np.isnan(img))
+    np.testing.assert_allclose(out[:, 6:], img[:, 6:], rtol=1e-5)
+    capsys.readouterr()
+    assert cli.main(["deblur", str(tmp_path / "sky.tif"), "-o", str(tmp_path / "out"), "-q",
+                     "--nan-policy", "raise"]) == 1
+    assert "sky.tif: FAILED: image contains 240 NaN or infinite value(s)" in capsys.readouterr().out
+
+
 def test_existing_outputs_need_overwrite(folder, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["deblur", str(folder / "img2.png"), "-o", str(out), "-q"]

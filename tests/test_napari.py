@@ -42,6 +42,14 @@ def test_plain_function_rgb_and_plane(use_model, identity_ckpt):
     np.testing.assert_array_equal(plane, stack[1])
 
 
+def test_plain_function_keeps_nan(use_model, identity_ckpt):
+    img = np.random.default_rng(0).random((30, 40)).astype(np.float32)
+    img[:4] = np.nan
+    out, _ = deblur_layer_data(img, rgb=False, settings=DeblurSettings(checkpoint=identity_ckpt))
+    assert np.array_equal(np.isnan(out), np.isnan(img))
+    np.testing.assert_allclose(out[4:], img[4:], atol=1e-6)
+
+
 def test_plain_function_dask_lazy_or_computed(use_model, identity_ckpt):
     da = pytest.importorskip("dask.array")
     lazy = da.from_array(np.random.default_rng(0).random((2, 40, 40)).astype(np.float32), chunks=(1, 40, 40))

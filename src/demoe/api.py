@@ -131,7 +131,46 @@ def _check_finite(arr):
     if arr.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(arr)))
         if bad:
-            raise ValueError(f"image contains {bad} NaN or infinite value(s); replace them (e.g. np.nan_to_num) first")
+            raise ValueError(f"image contains {bad} NaN or infinite value(s); pass nan_policy='keep' to restore the "
+                             "pixels around them and keep them as they are, or replace them (e.g. np.nan_to_num) first")
+
+
+#: Gaussian sigma (pixels) of the normalised convolution that fills non-finite pixels.
+FILL_SIGMA = 4.0
+
+
+def _fill_nonfinite(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """For ``nan_policy='keep'``: ``(filled copy, mask)`` of a ``(..., H, W, C)`` array, or ``(arr, None)``.
+
+    NaN/Inf pixels get a smooth continuation of the finite pixels around them
+    (a normalised Gaussian convolution), and the plane's median far from any,
+    so the network sees no hole edge to sharpen; the caller puts the original
+    values back into the result at ``mask``.
+    """
+    if arr.dtype.kind != "f":
+        return arr, None
+    bad = ~np.isfinite(arr)
+    if not bad.any():
+        return arr, None
+    import cv2
+
+    filled = arr.astype(np.float32)  # a copy: the input is never modified
+    flat, flat_bad = filled.reshape(-1, *arr.shape[-3:]), bad.reshape(-1, *arr.shape[-3:])
+    for p in range(flat.shape[0]):
+        for ch in range(flat.shape[-1]):
+            x, hole = flat[p, :, :, ch], flat_bad[p, :, :, ch]
+            if not hole.any():
+                continue
+            good = ~hole
+            if not good.any():
+                x[:] = 0.0
+                continue
+            x[hole] = 0.0
+            num = cv2.GaussianBlur(x, (0, 0), FILL_SIGMA, borderType=cv2.BORDER_REFLECT)
+            den = cv2.GaussianBlur(good.astype(np.float32), (0, 0), FILL_SIGMA, borderType=cv2.BORDER_REFLECT)
+            far = den < 1e-3
+            x[hole] = np.where(far, np.median(x[good]), num / np.where(far, 1.0, den))[hole]
+    return filled.astype(arr.dtype, copy=False), bad
 
 
 def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -308,6 +347,7 @@ def deblur(
     tlc: bool | int = True,
     precision: str = "auto",
     ensemble: int = 1,
+    nan_policy: str = "raise",
 ):
     """Deblur an image with DeMoE.
 
@@ -395,6 +435,14 @@ def deblur(
         time; on the quality benchmark 4 and 8 added 0.04 and 0.06 dB with the
         packaged weights (README, "How good is the packaged model?").
 
+    nan_policy : {'raise', 'keep'}
+        NaN or infinite pixels in float data (blank sky, masked regions): 'raise'
+        (default) refuses the image with their count; 'keep' restores the rest
+        and leaves them as they were. For the network they are filled with a
+        smooth continuation of the pixels around them (a Gaussian-weighted
+        mean of the finite pixels nearby, sigma 4 px; the plane's median far
+        from any), which costs one float32 copy of the image.
+
     Returns
     -------
     out : ndarray or dask array
@@ -472,8 +520,13 @@ def deblur(
     moved = arr if axis is None else _moveaxis(arr, axis, -1)
     if axis is None:
         moved = moved[..., None]
+    if nan_policy not in ("raise", "keep"):
+        raise ValueError(f"nan_policy must be 'raise' or 'keep', got {nan_policy!r}")
+    filled, holes = moved, None
     if not is_dask:
-        _check_finite(moved)
+        if nan_policy == "keep":
+            filled, holes = _fill_nonfinite(moved)
+        _check_finite(filled)
     lo, hi = intensity_range(moved, normalize)
     if tlc is True:
         window = int(patch or 256)
@@ -489,12 +542,14 @@ def deblur(
         precision = AUTO_PRECISION.get(dev.type, "fp32")
     settings = dict(net=net, dev=dev, task=task, routing=routing, tile=tile, ovl=ovl, batch=batch, streams=streams, bgr=bgr,
                     lo=lo, hi=hi, multiple=multiple, preserve_mean=preserve_mean, tlc_window=window,
-                    precision=precision, ensemble=int(ensemble))
+                    precision=precision, ensemble=int(ensemble), nan_policy=nan_policy)
 
     if is_dask:
         out, info = _deblur_dask(moved, settings)
     else:
-        out, info = _deblur_numpy(moved, settings, progress)
+        out, info = _deblur_numpy(filled, settings, progress)
+        if holes is not None:
+            out[holes] = moved[holes]
     if axis is None:
         out = out[..., 0]
     else:
@@ -726,6 +781,8 @@ def _deblur_dask(moved, s: dict):
         ch, cw = min(h, 4 * s["tile"]), min(w, 4 * s["tile"])
         y0, x0 = (h - ch) // 2, (w - cw) // 2
         crop = np.asarray(plane[y0 : y0 + ch, x0 : x0 + cw].compute())
+        if s["nan_policy"] == "keep":
+            crop = _fill_nonfinite(crop)[0]
         _check_finite(crop)
         probs = _route_crop(crop, s)
     info = _routing_info(s["task"], [] if probs is None else [probs], net)
@@ -740,8 +797,12 @@ def _deblur_dask(moved, s: dict):
     block_settings = {**s, "preserve_mean": False, "streams": 1}
 
     def block_fn(block):
-        _check_finite(block)
-        return _deblur_numpy(block, block_settings, False, fixed_probs=probs)[0]
+        filled, holes = _fill_nonfinite(block) if s["nan_policy"] == "keep" else (block, None)
+        _check_finite(filled)
+        out = _deblur_numpy(filled, block_settings, False, fixed_probs=probs)[0]
+        if holes is not None:
+            out[holes] = block[holes]
+        return out
 
     out = moved.map_overlap(block_fn, depth=depth, boundary="reflect", dtype=moved.dtype)
     return out, info

@@ -162,7 +162,7 @@ def run_deblur(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device)
     kwargs = dict(task=None if args.task == "auto" else args.task, model=model, device=args.device,
                   tile_size=args.tile_size, overlap=args.overlap, ensemble=args.ensemble, routing=args.routing,
-                  preserve_mean=True if args.preserve_mean else None)
+                  preserve_mean=True if args.preserve_mean else None, nan_policy=args.nan_policy)
     failed = skipped = 0
     bar = tqdm(plan, unit="image", desc="images", disable=args.quiet)
     for src, dest in bar:
@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--routing", default="image", choices=["image", "tile"],
                    help="one blur type for the whole image (default), or one per tile for blur that varies "
                         "across the image")
+    d.add_argument("--nan-policy", default="keep", choices=["keep", "raise"],
+                   help="NaN/Inf pixels in float images: restore around them and keep them as they are (default), "
+                        "or fail that image")
     d.add_argument("--model", metavar="PATH", help="checkpoint file or training run folder (default: the packaged model)")
     d.add_argument("--tile-size", type=int, metavar="N", help="tile size in pixels (default: by device)")
     d.add_argument("--overlap", type=int, metavar="N", help="tile overlap in pixels (default: tile/8)")

@@ -77,7 +77,8 @@ def deblur_layer_data(data, *, rgb: bool, settings: DeblurSettings, progress=Non
                              channel_axis=-1 if rgb else None, tile_size=settings.tile_size,
                              overlap=settings.overlap, device=settings.device, progress=progress,
                              ensemble=settings.ensemble, routing=settings.routing,
-                             preserve_mean=True if settings.keep_mean else None, return_info=True)
+                             preserve_mean=True if settings.keep_mean else None,
+                             nan_policy="keep", return_info=True)  # NaN (masked) pixels come back as they were
     if settings.compute and hasattr(out, "compute"):
         out = out.compute()
     info["model"] = getattr(model, "source", "packaged default")
