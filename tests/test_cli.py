@@ -1,5 +1,6 @@
 import dataclasses
 import hashlib
+import sys
 
 import cv2
 import numpy as np
@@ -145,6 +146,37 @@ def test_float_tiff_with_nan_keeps_them(tmp_path, identity_model, monkeypatch, c
     assert cli.main(["deblur", str(tmp_path / "sky.tif"), "-o", str(tmp_path / "out"), "-q",
                      "--nan-policy", "raise"]) == 1
     assert "sky.tif: FAILED: image contains 240 NaN or infinite value(s)" in capsys.readouterr().out
+
+
+def test_fits_keeps_every_hdu_and_header(tmp_path, identity_model, monkeypatch, capsys):
+    fits = pytest.importorskip("astropy.io.fits")
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    counts = np.random.default_rng(8).integers(0, 60000, (2, 32, 40)).astype(np.uint16)
+    header = fits.Header({"OBJECT": "M51", "CTYPE1": "RA---TAN", "CRVAL1": 202.47})
+    table = fits.BinTableHDU.from_columns([fits.Column(name="flux", format="E", array=np.arange(3.0))])
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(counts, header=header, name="SCI"), table]).writeto(tmp_path / "m51.fits")
+    sky = np.random.default_rng(9).random((24, 30)).astype(">f4")
+    sky[:3] = np.nan
+    fits.PrimaryHDU(sky).writeto(tmp_path / "sky.fit")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert cli.main(["deblur", str(tmp_path), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    with fits.open(tmp_path / "out" / "m51_deblurred.fits") as hdus:
+        assert [h.name for h in hdus] == ["PRIMARY", "SCI", ""]
+        assert hdus["SCI"].data.dtype == np.uint16 and hdus["SCI"].header["OBJECT"] == "M51"
+        assert hdus["SCI"].header["CRVAL1"] == 202.47
+        np.testing.assert_array_equal(hdus["SCI"].data, counts)
+        np.testing.assert_array_equal(hdus[2].data["flux"], [0.0, 1.0, 2.0])
+    with fits.open(tmp_path / "out" / "sky_deblurred.fit") as hdus:
+        out = hdus[0].data
+    assert np.array_equal(np.isnan(out), np.isnan(sky))  # blank sky kept (the command's default)
+    np.testing.assert_allclose(out[3:], sky[3:], rtol=1e-5)
+    # Without astropy: one clear line per FITS file.
+    monkeypatch.setitem(sys.modules, "astropy", None)
+    monkeypatch.setitem(sys.modules, "astropy.io", None)
+    capsys.readouterr()
+    assert cli.main(["deblur", str(tmp_path / "sky.fit"), "-o", str(tmp_path / "out2"), "-q"]) == 1
+    assert "sky.fit: FAILED: FITS files need astropy (pip install astropy)" in capsys.readouterr().out
 
 
 def test_existing_outputs_need_overwrite(folder, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -135,7 +136,7 @@ def run_deblur(args: argparse.Namespace) -> int:
 
     from .api import deblur
     from .checkpoint import load_model
-    from .files import Image, read_image, write_image
+    from .files import read_image, write_image
 
     outdir = Path(args.output) if args.output else None
     try:
@@ -147,7 +148,7 @@ def run_deblur(args: argparse.Namespace) -> int:
         print(f"demoe: left out {len(earlier)} earlier output(s) found beside their source, "
               f"e.g. {earlier[0]} (name such files to deblur them)", file=sys.stderr)
     if not items:
-        print("demoe: no images found (accepted: .png .jpg .jpeg .bmp .webp .tif .tiff .npy .zarr)", file=sys.stderr)
+        print("demoe: no images found (accepted: .png .jpg .jpeg .bmp .webp .tif .tiff .fits .fit .fts .npy .zarr)", file=sys.stderr)
         return 2
     inputs = {src.resolve() for src, _ in items}
     plan = []
@@ -187,7 +188,7 @@ def run_deblur(args: argparse.Namespace) -> int:
                 out, info = deblur(img.data, channel_axis=img.channel_axis, bgr=img.bgr, progress=report,
                                    return_info=True, **kwargs)
                 tiles.close()
-                write_image(dest, Image(out, img.channel_axis, img.bgr, img.tiff))
+                write_image(dest, dataclasses.replace(img, data=out))
         except (ValueError, TypeError, OSError, MemoryError) as err:
             failed += 1
             tqdm.write(f"{src}: FAILED: {err}")
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("deblur", help="deblur image files or folders",
-                       description="Deblur images (PNG, JPEG, TIFF incl. 16-bit and multi-page, .npy, zarr).")
+                       description="Deblur images (PNG, JPEG, TIFF incl. 16-bit, multi-page and OME, FITS, .npy, zarr incl. OME-Zarr).")
     d.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zarr stores (in a folder, earlier outputs "
                    "beside their source are left out)")
     d.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (default: beside each input)")

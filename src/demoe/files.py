@@ -4,7 +4,9 @@ PNG/JPEG/BMP/WebP go through OpenCV (8- and 16-bit, gray/BGR/BGRA kept as
 stored, so ``bgr=True`` is used for them), TIFF through tifffile (multi-page,
 any dtype, axes and resolution carried over; ImageJ spacing, unit and frame
 interval; OME-TIFF's image metadata: physical pixel sizes, time increment,
-channels, planes), ``.npy`` through
+channels, planes), FITS through astropy when it is installed (the first image
+HDU is restored; every other HDU and every header card is written back),
+``.npy`` through
 numpy (no pickles). Every write goes to a temporary file in the destination
 folder and is renamed into place, so an interrupted run never leaves a
 half-written image.
@@ -23,7 +25,8 @@ import numpy as np
 
 OPENCV_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
-SUFFIXES = OPENCV_SUFFIXES | TIFF_SUFFIXES | {".npy"}
+FITS_SUFFIXES = {".fits", ".fit", ".fts"}
+SUFFIXES = OPENCV_SUFFIXES | TIFF_SUFFIXES | FITS_SUFFIXES | {".npy"}
 #: Extensions of two parts, kept together when a name is changed (``x_deblurred.ome.tif``).
 COMPOUND_SUFFIXES = (".ome.tif", ".ome.tiff", ".ome.zarr")
 
@@ -45,6 +48,7 @@ class Image:
     channel_axis: int | None
     bgr: bool = False
     tiff: dict[str, Any] = field(default_factory=dict)
+    fits: dict[str, Any] = field(default_factory=dict)  # FITS: the source file and the image HDU's index
 
 
 def read_image(path: str | Path) -> Image:
@@ -61,6 +65,8 @@ def read_image(path: str | Path) -> Image:
         return Image(data, 2 if color else None, bgr=color)
     if suffix in TIFF_SUFFIXES:
         return _read_tiff(path)
+    if suffix in FITS_SUFFIXES:
+        return _read_fits(path)
     if suffix == ".npy":
         try:
             data = np.load(path, allow_pickle=False)
@@ -101,6 +107,43 @@ def _read_tiff(path: Path) -> Image:
     return Image(data, channel_axis, tiff=info)
 
 
+def _astropy_fits():
+    try:
+        from astropy.io import fits
+    except ImportError:
+        raise ValueError("FITS files need astropy (pip install astropy)") from None
+    return fits
+
+
+def _read_fits(path: Path) -> Image:
+    fits = _astropy_fits()
+    try:
+        with fits.open(path, memmap=False) as hdus:
+            index = next((i for i, hdu in enumerate(hdus)
+                          if hdu.is_image and hdu.data is not None and hdu.data.ndim >= 2), None)
+            if index is None:
+                raise ValueError(f"{path.name} has no image HDU with two or more axes")
+            data = np.array(hdus[index].data)  # BSCALE/BZERO applied by astropy (unsigned ints, scaled floats)
+    except OSError as err:
+        raise ValueError(f"cannot read {path.name}: {err}") from err
+    # FITS stores axes last-first: (…, NAXIS2, NAXIS1) = (…, Y, X); every leading plane is an image.
+    return Image(data, None, fits={"source": path, "index": index})
+
+
+def _write_fits(tmp: Path, image: Image) -> None:
+    fits = _astropy_fits()
+    if not image.fits:  # no source to follow: a plain primary HDU
+        fits.PrimaryHDU(image.data).writeto(tmp)
+        return
+    with fits.open(image.fits["source"], memmap=False) as hdus:
+        hdu = hdus[image.fits["index"]]
+        hdu.data = image.data  # astropy sets BITPIX/NAXIS and the unsigned-integer BZERO from it
+        for key in ("BSCALE", "BZERO"):  # a scaled integer input: the result is stored as it is
+            if key in hdu.header and not (key == "BZERO" and image.data.dtype.kind == "u"):
+                del hdu.header[key]
+        hdus.writeto(tmp, output_verify="silentfix")
+
+
 @contextmanager
 def atomic_path(dest: Path):
     """Yield a temporary path beside ``dest``; rename it to ``dest`` only on success."""
@@ -127,6 +170,8 @@ def write_image(path: str | Path, image: Image) -> None:
                 raise ValueError(f"OpenCV could not write {path.name}")
         elif suffix in TIFF_SUFFIXES:
             _write_tiff(tmp, image)
+        elif suffix in FITS_SUFFIXES:
+            _write_fits(tmp, image)
         elif suffix == ".npy":
             with open(tmp, "wb") as f:
                 np.save(f, image.data, allow_pickle=False)
