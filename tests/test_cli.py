@@ -444,6 +444,27 @@ def test_train_command_runs_and_resumes(tmp_path):
     assert [s["start_step"] for s in sessions] == [0, 3] and resumed.metadata["training"]["steps"] == 5
 
 
+def test_train_with_your_own_psf(tmp_path, capsys):
+    from demoe import load_model
+
+    psf = np.zeros((15, 15), np.float32)
+    psf[7, :] = 1.0  # a measured 15 px smear, say
+    tifffile.imwrite(tmp_path / "psf.tif", psf)
+    tifffile.imwrite(tmp_path / "stack.tif", np.ones((3, 5, 5), np.float32))
+    args = ["train", "--width", "4", "--enc-blk-nums", "1", "--dec-blk-nums", "1", "--middle-blk-num", "1",
+            "--patch", "32", "--batch", "2", "--workers", "0", "--steps", "2", "--warmup", "1", "--no-progress",
+            "--psf", f"{tmp_path / 'psf.tif'}:global_motion", "--psf-fraction", "1", "--out", str(tmp_path / "run")]
+    assert cli.main(args) == 0
+    record = load_model(tmp_path / "run", device="cpu").metadata["training"]
+    assert record["config"]["psf"] == [f"{tmp_path / 'psf.tif'}:global_motion"]
+    capsys.readouterr()
+    assert cli.main(["info", str(tmp_path / "run")]) == 0
+    assert f"+ your PSFs {tmp_path / 'psf.tif'}:global_motion" in capsys.readouterr().out
+    bad = [*args[:-4], "--psf", f"{tmp_path / 'stack.tif'}:defocus", "--out", str(tmp_path / "run2")]
+    assert cli.main(bad) == 2
+    assert "stack.tif: a PSF must be one 2-D image" in capsys.readouterr().err and not (tmp_path / "run2").exists()
+
+
 def test_freeze_encoder_trains_only_decoder_experts_router(tmp_path):
     import torch
 
@@ -553,6 +574,10 @@ def test_ema_weights_are_exported_and_survive_resume(tmp_path):
     (["--loss", "l2"], "loss must be 'psnr' or 'l1'"),
     (["--pairs", "nocolon"], "--pairs takes FOLDER:TASK"),
     (["--pairs", "some/where:blurred"], "unknown task 'blurred'"),
+    (["--psf", "nocolon"], "--psf takes FILE:TASK"),
+    (["--psf", "psf.tif:rain"], "unknown task 'rain'"),
+    (["--psf", "no/psf.tif:defocus"], "file no/psf.tif not found"),
+    (["--psf-fraction", "1.5"], "psf_fraction must be between 0 and 1"),
     (["--photos", "no/such/folder"], "image folder not found: no/such/folder"),
     (["--init", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
     (["--top-k", "6"], "top_k must be between 1 and num_exp"),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from demoe import TASKS
-from demoe.data import PairFolder, SyntheticPairs, dead_leaves
+from demoe.data import PairFolder, PsfPairs, SyntheticPairs, dead_leaves, read_psf
 from demoe.degrade import (GENERATORS, convolve, degrade, make_pair, psf_disk, psf_gaussian, psf_trajectory,
                            random_shake_trajectory)
 
@@ -86,6 +86,46 @@ def test_bad_arguments(sharp):
         degrade((sharp * 255).astype(np.uint8), "defocus", 0)
     with pytest.raises(ValueError, match="positive sum"):
         make_pair(sharp, np.zeros((3, 3)))
+    sat = make_pair(sharp, psf_gaussian(1.0), 0, saturate=0.05)
+    assert (sat.blurry >= 0.999).mean() > (make_pair(sharp, psf_gaussian(1.0), 0).blurry >= 0.999).mean()
+
+
+def test_read_psf(tmp_path):
+    import cv2
+    import tifffile
+
+    psf = np.zeros((9, 9), np.float32)
+    psf[4, 2:7] = 3.0
+    psf[0, 0] = -0.5  # background subtraction leaves negatives: clipped
+    tifffile.imwrite(tmp_path / "psf.tif", psf)
+    expected = np.clip(psf, 0, None) / 15.0
+    np.testing.assert_allclose(read_psf(tmp_path / "psf.tif"), expected, atol=1e-7)
+    rgb = np.repeat((expected * 255 / expected.max()).round().astype(np.uint8)[..., None], 3, axis=2)
+    cv2.imwrite(str(tmp_path / "psf.png"), rgb)  # a picture of it, in colour
+    np.testing.assert_allclose(read_psf(tmp_path / "psf.png"), expected, atol=1e-7)
+    tifffile.imwrite(tmp_path / "stack.tif", np.ones((5, 9, 9), np.float32))
+    with pytest.raises(ValueError, match=r"stack.tif: a PSF must be one 2-D image, got shape \(5, 9, 9\)"):
+        read_psf(tmp_path / "stack.tif")
+    tifffile.imwrite(tmp_path / "zero.tif", -np.ones((9, 9), np.float32))
+    with pytest.raises(ValueError, match="zero.tif: a PSF needs finite values with a positive sum"):
+        read_psf(tmp_path / "zero.tif")
+
+
+def test_psf_stream_blurs_with_your_psf(sharp):
+    photo = np.random.default_rng(0).random((300, 300, 3)).astype(np.float32)
+    wide = np.ones((1, 41), np.float32) / 41  # a 41 px horizontal smear: wider than the usual 32 px margin
+    ds = PsfPairs([photo], [wide], "local_motion", patch=32, photo_fraction=1.0, seed=2)
+    assert ds.margin >= 21
+    it = iter(ds)
+    for _ in range(12):
+        b, s, label = next(it)
+        assert label == TASKS.index("local_motion") and b.shape == s.shape == (3, 32, 32)
+        # Smeared along x only: far less detail is left across x than across y (noise/JPEG aside).
+        dx, dy = (b.diff(dim=2).abs().mean() / s.diff(dim=2).abs().mean(),
+                  b.diff(dim=1).abs().mean() / s.diff(dim=1).abs().mean())
+        assert dx < 0.5 * dy and dy < 0.5
+    with pytest.raises(ValueError, match="valid tasks are"):
+        PsfPairs([photo], [wide], "fog")
 
 
 def test_dead_leaves_statistics():

@@ -254,8 +254,10 @@ def _stage_lines(record: dict) -> list[str]:
         lines.append(f"data: {record['data']}")
     elif "photos" in record:
         pairs = (record.get("config") or {}).get("pairs") or []
+        psfs = (record.get("config") or {}).get("psf") or []
         lines.append(f"data: {record['photos']} photographs + dead leaves"
-                     + (f" + real pairs {', '.join(pairs)}" if pairs else ""))
+                     + (f" + real pairs {', '.join(pairs)}" if pairs else "")
+                     + (f" + your PSFs {', '.join(psfs)}" if psfs else ""))
     return lines
 
 

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import torch
 
-from .degrade import GENERATORS
+from .degrade import GENERATORS, make_pair
 from .tasks import TASKS, task_index
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
@@ -121,6 +121,13 @@ class SyntheticPairs(torch.utils.data.IterableDataset):
         self.margin = margin  # context around the patch so blur has real pixels to pull in
 
     def sample(self, rng: np.random.Generator):
+        crop = self._crop(rng)
+        task = self.tasks[rng.integers(len(self.tasks))]
+        pair = GENERATORS[task](crop, rng, **self._options(rng))
+        return self._cut(pair)
+
+    def _crop(self, rng: np.random.Generator) -> np.ndarray:
+        """A sharp crop with ``margin`` context around the patch, randomly rotated and flipped."""
         size = self.patch + 2 * self.margin
         if rng.random() < self.photo_fraction:
             img = self.images[rng.integers(len(self.images))]
@@ -132,8 +139,11 @@ class SyntheticPairs(torch.utils.data.IterableDataset):
         crop = np.rot90(crop, rng.integers(4))
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
-        crop = np.ascontiguousarray(crop)
-        task = self.tasks[rng.integers(len(self.tasks))]
+        return np.ascontiguousarray(crop)
+
+    @staticmethod
+    def _options(rng: np.random.Generator) -> dict:
+        """Sensor noise, JPEG and saturation, each now and then."""
         options = {}
         if rng.random() < 0.3:
             options["noise"] = float(rng.uniform(0, 0.02))
@@ -141,13 +151,16 @@ class SyntheticPairs(torch.utils.data.IterableDataset):
             options["jpeg"] = int(rng.integers(60, 96))
         if rng.random() < 0.1:
             options["saturate"] = float(rng.uniform(0.001, 0.02))
-        pair = GENERATORS[task](crop, rng, **options)
+        return options
+
+    def _cut(self, pair):
+        """The patch of a degraded crop, as ``(blurry, sharp, label)`` tensors."""
         m, p = self.margin, self.patch
         blurry = pair.blurry[m : m + p, m : m + p]
         sharp = pair.sharp[m : m + p, m : m + p]
         return (torch.from_numpy(np.ascontiguousarray(blurry.transpose(2, 0, 1))),
                 torch.from_numpy(np.ascontiguousarray(sharp.transpose(2, 0, 1))),
-                TASKS.index(task))
+                TASKS.index(pair.task))
 
     def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()
@@ -155,6 +168,46 @@ class SyntheticPairs(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, worker])
         while True:
             yield self.sample(rng)
+
+
+class PsfPairs(SyntheticPairs):
+    """Sharp patches blurred by your own PSFs (e.g. measured on your microscope), labelled ``task``.
+
+    The patches come from ``images`` (and dead leaves) exactly as in
+    :class:`SyntheticPairs`, with its noise, JPEG and saturation options;
+    each is blurred by one of ``psfs``, drawn at random.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], psfs: Sequence[np.ndarray], task: str, patch: int = 128, *,
+                 photo_fraction: float = 0.8, seed: int = 0):
+        psfs = [np.asarray(psf, np.float32) for psf in psfs]
+        if not psfs:
+            raise ValueError("PsfPairs needs at least one PSF")
+        margin = max(32, max(max(psf.shape) for psf in psfs) // 2 + 1)  # the blur's reach, in real pixels
+        super().__init__(images, patch, photo_fraction=photo_fraction, tasks=[task], seed=seed, margin=margin)
+        self.psfs, self.task = psfs, task
+        task_index(task)
+
+    def sample(self, rng: np.random.Generator):
+        crop = self._crop(rng)
+        psf = self.psfs[rng.integers(len(self.psfs))]
+        return self._cut(make_pair(crop, psf, rng, task=self.task, **self._options(rng)))
+
+
+def read_psf(path: str | Path) -> np.ndarray:
+    """A 2-D PSF from an image file (TIFF, PNG, .npy, FITS...), clipped at 0 and normalised to sum 1."""
+    from .files import read_image
+
+    data = np.squeeze(np.asarray(read_image(path).data, np.float64))
+    if data.ndim == 3 and data.shape[-1] in (3, 4):  # an RGB(A) picture of a PSF
+        data = data[..., :3].mean(axis=-1)
+    if data.ndim != 2:
+        raise ValueError(f"{Path(path).name}: a PSF must be one 2-D image, got shape {data.shape} "
+                         "(for a 3-D PSF, save its in-focus plane)")
+    data = np.clip(data, 0, None)  # background-subtracted PSFs dip below zero
+    if not np.isfinite(data).all() or data.sum() <= 0:
+        raise ValueError(f"{Path(path).name}: a PSF needs finite values with a positive sum")
+    return (data / data.sum()).astype(np.float32)
 
 
 class PairFolder(torch.utils.data.IterableDataset):

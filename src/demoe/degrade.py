@@ -333,11 +333,12 @@ def degrade(sharp: np.ndarray, task: str, rng: np.random.Generator | int | None 
 
 
 def make_pair(sharp: np.ndarray, psf: np.ndarray, rng=None, *, task: str = "defocus", noise: float = 0.0,
-              jpeg: int | None = None) -> Degraded:
+              jpeg: int | None = None, saturate: float = 0.0) -> Degraded:
     """A training pair from your own PSF (e.g. a measured microscope PSF)."""
     psf = np.asarray(psf, dtype=np.float32)
     if psf.ndim != 2 or psf.sum() <= 0:
         raise ValueError(f"psf must be a 2-D array with a positive sum, got shape {psf.shape}")
     rng = np.random.default_rng(rng)
     sharp = _as_float(sharp)
-    return _finish(convolve(sharp, psf / psf.sum()), sharp, task, psf / psf.sum(), rng, noise, jpeg)
+    blurry = convolve(_saturate(sharp, saturate), psf / psf.sum())
+    return _finish(blurry, sharp, task, psf / psf.sum(), rng, noise, jpeg)

@@ -69,6 +69,10 @@ class TrainConfig:
     photo_fraction: float = _opt(0.8, "share of synthetic patches cut from --photos; the rest from "
                                  "procedural dead-leaves images", DATA, "F")
     pair_fraction: float = _opt(0.5, "share of patches from --pairs, when given", DATA, "F")
+    psf: list[str] = _opt([], "your own PSF: FILE:TASK, an image of the PSF (e.g. measured on your microscope; "
+                          "TIFF, PNG, .npy, FITS) that blurs sharp patches from --photos into pairs of that task",
+                          DATA, "FILE:TASK")
+    psf_fraction: float = _opt(0.5, "share of patches blurred by --psf, when given", DATA, "F")
     max_side: int | None = _opt(None, "downscale photographs whose longer side exceeds this (pixels)", DATA, "PX")
     patch: int = _opt(128, "training patch size (pixels)", DATA, "PX")
     batch: int = _opt(16, "patches per step", DATA, "N")
@@ -123,8 +127,8 @@ class TrainConfig:
             raise ValueError(f"workers and warmup must be >= 0, got {self.workers} and {self.warmup}")
         if not 1 <= self.top_k <= self.num_exp:
             raise ValueError(f"top_k must be between 1 and num_exp ({self.num_exp}), got {self.top_k}")
-        if not (0 <= self.photo_fraction <= 1 and 0 <= self.pair_fraction <= 1):
-            raise ValueError("photo_fraction and pair_fraction must be between 0 and 1")
+        if not all(0 <= f <= 1 for f in (self.photo_fraction, self.pair_fraction, self.psf_fraction)):
+            raise ValueError("photo_fraction, pair_fraction and psf_fraction must be between 0 and 1")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.ema < 1:
@@ -137,6 +141,19 @@ class TrainConfig:
         for folder in self.photos:
             if not Path(folder).exists():
                 raise FileNotFoundError(f"--photos: image folder not found: {folder}")
+        for spec in self.psf:
+            file, _, task = spec.rpartition(":")
+            if not file:
+                raise ValueError(f"--psf takes FILE:TASK (e.g. psf.tif:defocus), got {spec!r}")
+            try:
+                task_index(task)
+            except ValueError as err:
+                raise ValueError(f"--psf {spec!r}: {err}") from None
+            if not Path(file).is_file():
+                raise FileNotFoundError(f"--psf {spec!r}: file {file} not found")
+            from .data import read_psf
+
+            read_psf(file)  # a readable 2-D image with a positive sum, or one clear error now
         for spec in self.pairs:
             folder, _, task = spec.rpartition(":")
             if not folder:
@@ -195,10 +212,19 @@ def build_model(cfg: TrainConfig) -> tuple[DeMoE, dict]:
 
 
 def build_data(cfg: TrainConfig):
-    from .data import Mixed, PairFolder, SyntheticPairs, load_photos
+    from .data import Mixed, PairFolder, PsfPairs, SyntheticPairs, load_photos, read_psf
 
     photos = load_photos(cfg.photos, cfg.max_side) if cfg.photos else []
     stream = SyntheticPairs(photos, cfg.patch, photo_fraction=cfg.photo_fraction, seed=cfg.seed)
+    if cfg.psf:
+        by_task: dict[str, list] = {}
+        for spec in cfg.psf:
+            file, _, task = spec.rpartition(":")  # checked by TrainConfig.check()
+            by_task.setdefault(task, []).append(read_psf(file))
+        psf_streams = [PsfPairs(photos, psfs, task, cfg.patch, photo_fraction=cfg.photo_fraction, seed=cfg.seed)
+                       for task, psfs in by_task.items()]
+        w = [1 - cfg.psf_fraction] + [cfg.psf_fraction / len(psf_streams)] * len(psf_streams)
+        stream = Mixed([stream, *psf_streams], w, cfg.seed)
     if cfg.pairs:
         pair_streams = []
         for spec in cfg.pairs:
