@@ -1,5 +1,6 @@
 import dataclasses
 import hashlib
+import re
 import sys
 
 import cv2
@@ -288,15 +289,16 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_zarr_in_zarr_out(tmp_path, identity_model, monkeypatch):
+def test_zarr_in_zarr_out(tmp_path, identity_model, monkeypatch, capsys):
     zarr = pytest.importorskip("zarr")
     da = pytest.importorskip("dask.array")
     monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
     img = np.random.default_rng(0).integers(0, 4000, (64, 48), dtype=np.uint16)
     da.from_array(img, chunks=(32, 24)).to_zarr(str(tmp_path / "big.zarr"))
-    rc = cli.main(["deblur", str(tmp_path / "big.zarr"), "-o", str(tmp_path / "out"), "-q",
+    rc = cli.main(["deblur", str(tmp_path / "big.zarr"), "-o", str(tmp_path / "out"),
                    "--tile-size", "16", "--overlap", "4"])
     assert rc == 0
+    assert re.search(r"big\.zarr: +\d+%.*\d+/\d+ \[.*task/s", capsys.readouterr().err)  # progress as dask computes
     out = zarr.open(str(tmp_path / "out" / "big_deblurred.zarr"), mode="r")
     np.testing.assert_array_equal(out[:], img)
 

@@ -58,12 +58,15 @@ def output_path(src: Path, rel: Path, outdir: Path | None, suffix: str) -> Path:
     return (outdir / rel.parent / name) if outdir is not None else src.with_name(name)
 
 
-def _deblur_zarr(src: Path, dest: Path, kwargs: dict) -> dict:
+def _deblur_zarr(src: Path, dest: Path, kwargs: dict, quiet: bool = False) -> dict:
     """A zarr array, or an OME-Zarr image (its full-resolution level), deblurred lazily into ``dest``."""
+    import contextlib
     import shutil
 
     import dask.array as da
     import zarr
+    from tqdm.auto import tqdm
+    from tqdm.dask import TqdmCallback
 
     from .api import deblur
 
@@ -84,15 +87,19 @@ def _deblur_zarr(src: Path, dest: Path, kwargs: dict) -> dict:
     tmp = dest.with_name(f".{dest.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
+    # dask computes the chunks as the store is written: a bar over its tasks (chunks read, restored, written).
+    bar = (contextlib.nullcontext() if quiet else
+           TqdmCallback(tqdm_class=tqdm, desc=src.name, unit="task", leave=False, mininterval=1.0))
     try:
-        if attrs is None:
-            out.to_zarr(str(tmp))
-        else:
-            fmt = getattr(getattr(node, "metadata", None), "zarr_format", None)
-            group = zarr.open_group(str(tmp), mode="w", **({"zarr_format": fmt} if fmt else {}))
-            written = _write_pyramid(group, out, levels, [node[level["path"]] for level in levels])
-            ome["multiscales"] = [{**multiscales[0], "datasets": written}, *multiscales[1:]]
-            group.attrs.update(attrs)
+        with bar:
+            if attrs is None:
+                out.to_zarr(str(tmp))
+            else:
+                fmt = getattr(getattr(node, "metadata", None), "zarr_format", None)
+                group = zarr.open_group(str(tmp), mode="w", **({"zarr_format": fmt} if fmt else {}))
+                written = _write_pyramid(group, out, levels, [node[level["path"]] for level in levels])
+                ome["multiscales"] = [{**multiscales[0], "datasets": written}, *multiscales[1:]]
+                group.attrs.update(attrs)
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -175,7 +182,7 @@ def run_deblur(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         try:
             if src.suffix == ".zarr":
-                info = _deblur_zarr(src, dest, kwargs)
+                info = _deblur_zarr(src, dest, kwargs, quiet=args.quiet)
             else:
                 img = read_image(src)
                 tiles = tqdm(total=0, unit="tile", desc=src.name, leave=False, disable=args.quiet)
