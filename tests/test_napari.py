@@ -55,9 +55,24 @@ def test_plain_function_dask_lazy_or_computed(use_model, identity_ckpt):
     lazy = da.from_array(np.random.default_rng(0).random((2, 40, 40)).astype(np.float32), chunks=(1, 40, 40))
     out, _ = deblur_layer_data(lazy, rgb=False, settings=DeblurSettings(checkpoint=identity_ckpt, task="defocus"))
     assert isinstance(out, da.Array)
+    seen = []
     out, _ = deblur_layer_data(lazy, rgb=False, settings=DeblurSettings(checkpoint=identity_ckpt, task="defocus",
-                                                                        compute=True))
+                                                                        compute=True),
+                               progress=lambda done, total: seen.append((done, total)))
     assert isinstance(out, np.ndarray)
+    assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] > 2  # computing lazy data reports its progress
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+    class Stop(Exception):
+        pass
+
+    def cancel(done, total):
+        if done:
+            raise Stop
+
+    with pytest.raises(Stop):  # ...and can be cancelled through it, like tiles
+        deblur_layer_data(lazy, rgb=False, settings=DeblurSettings(checkpoint=identity_ckpt, task="defocus",
+                                                                   compute=True), progress=cancel)
 
 
 def test_routing_text():
@@ -251,6 +266,11 @@ def test_dask_layer_gives_lazy_result(make_napari_viewer, qtbot, use_model):
     widget.run()
     _wait(qtbot, widget)
     assert isinstance(viewer.layers["lazy deblurred"].data, da.Array)
+    widget.compute.value = True
+    widget.run()
+    _wait(qtbot, widget)
+    assert isinstance(viewer.layers["lazy deblurred"].data, np.ndarray)
+    assert widget.progress.value == widget.progress.max > 2  # dask's tasks, counted as they ran
 
 
 def test_sample_data_opens(make_napari_viewer):

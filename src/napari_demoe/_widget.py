@@ -61,7 +61,8 @@ def deblur_layer_data(data, *, rgb: bool, settings: DeblurSettings, progress=Non
 
     ``data`` is the layer's array (numpy or dask; ``rgb`` layers have colour
     last). With ``settings.plane`` only that plane of the leading axes is
-    processed. Dask input gives a lazy result unless ``settings.compute``.
+    processed. Dask input gives a lazy result unless ``settings.compute``;
+    then ``progress`` gets dask's tasks done instead of tiles.
     """
     import demoe
 
@@ -80,9 +81,27 @@ def deblur_layer_data(data, *, rgb: bool, settings: DeblurSettings, progress=Non
                              preserve_mean=True if settings.keep_mean else None,
                              nan_policy="keep", return_info=True)  # NaN (masked) pixels come back as they were
     if settings.compute and hasattr(out, "compute"):
-        out = out.compute()
+        out = _compute_with_progress(out, progress)
     info["model"] = getattr(model, "source", "packaged default")
     return out, info
+
+
+def _compute_with_progress(lazy, progress=None):
+    """``lazy.compute()``, reporting ``(tasks done, tasks)`` to ``progress`` (which may raise to cancel)."""
+    if progress is None:
+        return lazy.compute()
+    from dask.callbacks import Callback
+
+    class Tasks(Callback):
+        def _start_state(self, dsk, state):
+            self.total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
+            progress(0, self.total)
+
+        def _posttask(self, key, result, dsk, state, worker_id):
+            progress(len(state["finished"]), self.total)
+
+    with Tasks():
+        return lazy.compute()
 
 
 def result_name(layer_name: str, settings: DeblurSettings) -> str:
@@ -128,6 +147,7 @@ class DeblurWidget(Container):
         self.viewer = napari_viewer
         self.worker = None
         self._cancel = threading.Event()
+        self._unit = "tiles"
 
         self.layer = ComboBox(label="Image", choices=self._image_layers)
         self.task = ComboBox(label="Blur type", value="auto",
@@ -269,6 +289,7 @@ class DeblurWidget(Container):
         self._cancel.clear()
         data = _layer_array(layer)
         relay = self._progress_relay
+        self._unit = "tasks" if settings.compute and _is_lazy(data) else "tiles"  # dask counts its tasks
 
         def report(done, total):
             if self._cancel.is_set():
@@ -294,7 +315,7 @@ class DeblurWidget(Container):
     def _on_progress(self, done, total):
         self.progress.max = max(total, 1)
         self.progress.value = done
-        self.status.value = f"Deblurring: {done}/{total} tiles"
+        self.status.value = f"Deblurring: {done}/{total} {self._unit}"
 
     def _on_done(self, layer, settings, result):
         out, info = result
