@@ -434,7 +434,6 @@ def deblur(
         and the results are averaged. Costs ``ensemble`` times the network
         time; on the quality benchmark 4 and 8 added 0.04 and 0.06 dB with the
         packaged weights (README, "How good is the packaged model?").
-
     nan_policy : {'raise', 'keep'}
         NaN or infinite pixels in float data (blank sky, masked regions): 'raise'
         (default) refuses the image with their count; 'keep' restores the rest
@@ -489,6 +488,8 @@ def deblur(
     if is_dask and preserve_mean:
         raise ValueError("preserve_mean=True needs each whole plane, which a lazy dask array does not give; "
                          "compute it first (np.asarray(image)) or leave preserve_mean at None")
+    if nan_policy not in ("raise", "keep"):
+        raise ValueError(f"nan_policy must be 'raise' or 'keep', got {nan_policy!r}")
     axis = _resolve_channel_axis(arr.shape, channel_axis)
 
     dev = resolve_device(device)
@@ -520,8 +521,6 @@ def deblur(
     moved = arr if axis is None else _moveaxis(arr, axis, -1)
     if axis is None:
         moved = moved[..., None]
-    if nan_policy not in ("raise", "keep"):
-        raise ValueError(f"nan_policy must be 'raise' or 'keep', got {nan_policy!r}")
     filled, holes = moved, None
     if not is_dask:
         if nan_policy == "keep":

@@ -143,7 +143,7 @@ def run_deblur(args: argparse.Namespace) -> int:
 
     from .api import deblur
     from .checkpoint import load_model
-    from .files import read_image, write_image
+    from .files import SUFFIXES, read_image, write_image
 
     outdir = Path(args.output) if args.output else None
     try:
@@ -155,7 +155,7 @@ def run_deblur(args: argparse.Namespace) -> int:
         print(f"demoe: left out {len(earlier)} earlier output(s) found beside their source, "
               f"e.g. {earlier[0]} (name such files to deblur them)", file=sys.stderr)
     if not items:
-        print("demoe: no images found (accepted: .png .jpg .jpeg .bmp .webp .tif .tiff .fits .fit .fts .npy .zarr)", file=sys.stderr)
+        print(f"demoe: no images found (accepted: {' '.join(sorted(SUFFIXES))} .zarr)", file=sys.stderr)
         return 2
     inputs = {src.resolve() for src, _ in items}
     plan = []
@@ -182,6 +182,9 @@ def run_deblur(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         try:
             if src.suffix == ".zarr":
+                if args.preserve_mean:
+                    raise ValueError("--preserve-mean is not available for zarr stores (it needs each whole "
+                                     "plane in memory)")
                 info = _deblur_zarr(src, dest, kwargs, quiet=args.quiet)
             else:
                 img = read_image(src)
@@ -274,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("deblur", help="deblur image files or folders",
-                       description="Deblur images (PNG, JPEG, TIFF incl. 16-bit, multi-page and OME, FITS, .npy, zarr incl. OME-Zarr).")
+                       description="Deblur images (PNG, JPEG, TIFF incl. 16-bit, multi-page and OME, FITS, .npy, "
+                                   "zarr incl. OME-Zarr).")
     d.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zarr stores (in a folder, earlier outputs "
                    "beside their source are left out)")
     d.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (default: beside each input)")
