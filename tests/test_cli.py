@@ -180,6 +180,36 @@ def test_fits_keeps_every_hdu_and_header(tmp_path, identity_model, monkeypatch, 
     assert "sky.fit: FAILED: FITS files need astropy (pip install astropy)" in capsys.readouterr().out
 
 
+def test_photos_keep_exif_and_colour_profile(tmp_path, identity_model, monkeypatch):
+    """A phone photo shown upright (EXIF orientation) and in its colours (ICC) stays so after deblurring."""
+    from PIL import Image as PILImage
+    from PIL import ImageCms
+
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    rng = np.random.default_rng(10)
+    exif = PILImage.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Canon"  # orientation: rotate 90 degrees to show; camera make
+    from skimage import data
+
+    PILImage.fromarray(data.astronaut()[100:292:4, 100:356:4]).save(  # a photo: JPEG keeps it closely
+        tmp_path / "shaken.jpg", quality=95, exif=exif.tobytes(), icc_profile=icc)
+    rgba = rng.integers(0, 256, (40, 30, 4), dtype=np.uint8)
+    PILImage.fromarray(rgba).save(tmp_path / "logo.png", icc_profile=icc)
+    deep = rng.integers(0, 65536, (20, 24, 3), dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), deep)  # 16-bit colour: Pillow cannot write it, OpenCV does
+    assert cli.main(["deblur", str(tmp_path), "-o", str(tmp_path / "out"), "-q"]) == 0
+    with PILImage.open(tmp_path / "out" / "shaken_deblurred.jpg") as im:
+        assert im.getexif()[0x0112] == 6 and im.getexif()[0x010F] == "Canon" and im.info["icc_profile"] == icc
+        assert im.size == (64, 48)  # pixels stored as they were: the viewer still turns them upright
+        with PILImage.open(tmp_path / "shaken.jpg") as src:
+            assert np.abs(np.asarray(im, float) - np.asarray(src, float)).mean() < 2  # re-encoded at quality 95
+    with PILImage.open(tmp_path / "out" / "logo_deblurred.png") as im:
+        assert im.mode == "RGBA" and im.info["icc_profile"] == icc
+        np.testing.assert_array_equal(np.asarray(im), rgba)  # lossless, channel order right
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "out" / "deep_deblurred.png"), cv2.IMREAD_UNCHANGED), deep)
+
+
 def test_existing_outputs_need_overwrite(folder, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["deblur", str(folder / "img2.png"), "-o", str(out), "-q"]

@@ -1,7 +1,9 @@
 """Reading and writing image files without losing what they carry.
 
 PNG/JPEG/BMP/WebP go through OpenCV (8- and 16-bit, gray/BGR/BGRA kept as
-stored, so ``bgr=True`` is used for them), TIFF through tifffile (multi-page,
+stored, so ``bgr=True`` is used for them; a photo's EXIF, orientation included,
+and ICC colour profile are carried over through Pillow for 8-bit JPEG, PNG and
+WebP), TIFF through tifffile (multi-page,
 any dtype, axes and resolution carried over; ImageJ spacing, unit and frame
 interval; OME-TIFF's image metadata: physical pixel sizes, time increment,
 channels, planes), FITS through astropy when it is installed (the first image
@@ -49,6 +51,7 @@ class Image:
     bgr: bool = False
     tiff: dict[str, Any] = field(default_factory=dict)
     fits: dict[str, Any] = field(default_factory=dict)  # FITS: the source file and the image HDU's index
+    photo: dict[str, bytes] = field(default_factory=dict)  # JPEG/PNG/WebP: "exif" and "icc_profile" bytes
 
 
 def read_image(path: str | Path) -> Image:
@@ -62,7 +65,7 @@ def read_image(path: str | Path) -> Image:
         if data is None:
             raise ValueError(f"cannot decode {path.name} (corrupt or not a {suffix[1:].upper()} image)")
         color = data.ndim == 3 and data.shape[2] in (3, 4)
-        return Image(data, 2 if color else None, bgr=color)
+        return Image(data, 2 if color else None, bgr=color, photo=_photo_metadata(path))
     if suffix in TIFF_SUFFIXES:
         return _read_tiff(path)
     if suffix in FITS_SUFFIXES:
@@ -105,6 +108,40 @@ def _read_tiff(path: Path) -> Image:
     # Samples (S: RGB in one pixel) are colour; ImageJ channels (C) are separate gray planes.
     channel_axis = axes.index("S") if "S" in axes and data.shape[axes.index("S")] in (3, 4) else None
     return Image(data, channel_axis, tiff=info)
+
+
+#: Formats whose EXIF and ICC profile are written back (through Pillow), and Pillow's name for them.
+PHOTO_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
+
+
+def _photo_metadata(path: Path) -> dict[str, bytes]:
+    """The EXIF block (camera, orientation, date...) and ICC colour profile of a photo, if any."""
+    if path.suffix.lower() not in PHOTO_FORMATS:
+        return {}
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(path) as im:
+            info = {key: im.info.get(key) for key in ("exif", "icc_profile")}
+    except (OSError, ValueError):
+        return {}
+    return {key: value for key, value in info.items() if isinstance(value, bytes) and value}
+
+
+def _write_photo(tmp: Path, image: Image, fmt: str) -> bool:
+    """Write 8-bit pixels with the photo's EXIF and ICC profile through Pillow; False if it cannot."""
+    data = image.data
+    if not fmt or not image.photo or data.dtype != np.uint8 or not (data.ndim == 2 or data.shape[-1] in (3, 4)):
+        return False
+    from PIL import Image as PILImage
+
+    if data.ndim == 3:
+        data = data[..., [2, 1, 0, 3][: data.shape[-1]]] if image.bgr else data  # OpenCV's BGR(A) -> RGB(A)
+        if fmt == "JPEG" and data.shape[-1] == 4:
+            return False  # JPEG has no alpha
+    options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    PILImage.fromarray(np.ascontiguousarray(data)).save(tmp, fmt, **image.photo, **options)
+    return True
 
 
 def _astropy_fits():
@@ -166,7 +203,8 @@ def write_image(path: str | Path, image: Image) -> None:
             import cv2
 
             params = [cv2.IMWRITE_JPEG_QUALITY, 95] if suffix in (".jpg", ".jpeg") else []
-            if not cv2.imwrite(str(tmp), image.data, params):
+            written = _write_photo(tmp, image, PHOTO_FORMATS.get(suffix, ""))
+            if not written and not cv2.imwrite(str(tmp), image.data, params):
                 raise ValueError(f"OpenCV could not write {path.name}")
         elif suffix in TIFF_SUFFIXES:
             _write_tiff(tmp, image)
