@@ -240,6 +240,15 @@ def test_nan_policy_keep_restores_around_holes(default_model):
         deblur(da.from_array(img, chunks=128), model=default_model, task="defocus").compute()
 
 
+def test_progress_on_dask_input_warns(identity_model):
+    lazy = da.from_array(np.zeros((2, 16, 16), np.float32), chunks=(1, 16, 16))
+    with pytest.warns(RuntimeWarning, match="progress is not reported for dask input.*TqdmCallback"):
+        deblur(lazy, model=identity_model, device="cpu", progress=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deblur(lazy, model=identity_model, device="cpu")  # no progress asked: no warning
+
+
 def test_tile_routing_where_only_part_is_low_light(default_model):
     """Per-tile routing: the under-exposed half is brightened, the rest keeps its exposure."""
     from skimage import data

@@ -394,7 +394,9 @@ def deblur(
         Colour channels are in BGR order (``cv2.imread``).
     progress : bool or callable
         True shows a tqdm bar; a callable receives ``(done, total)`` tiles after
-        every batch and may raise to cancel.
+        every batch and may raise to cancel. Not for dask input, whose result is
+        lazy: time goes by when it is computed (``tqdm.dask.TqdmCallback`` or
+        dask's own diagnostics show that), so asking for progress there warns.
     return_info : bool
         Also return a dict: routing probabilities per task, the task used,
         tiles, device, precision, tile size, overlap, batch size, streams, seconds;
@@ -544,6 +546,9 @@ def deblur(
                     precision=precision, ensemble=int(ensemble), nan_policy=nan_policy)
 
     if is_dask:
+        if progress:
+            warnings.warn("progress is not reported for dask input: the result is lazy and computed later; "
+                          "wrap its computation in tqdm.dask.TqdmCallback() for a bar", RuntimeWarning, stacklevel=2)
         out, info = _deblur_dask(moved, settings)
     else:
         out, info = _deblur_numpy(filled, settings, progress)

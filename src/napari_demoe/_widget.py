@@ -76,7 +76,8 @@ def deblur_layer_data(data, *, rgb: bool, settings: DeblurSettings, progress=Non
     model = get_model(settings.checkpoint, settings.device)
     out, info = demoe.deblur(data, task=None if settings.task == "auto" else settings.task, model=model,
                              channel_axis=-1 if rgb else None, tile_size=settings.tile_size,
-                             overlap=settings.overlap, device=settings.device, progress=progress,
+                             overlap=settings.overlap, device=settings.device,
+                             progress=None if _is_lazy(data) else progress,  # lazy: counted when computed
                              ensemble=settings.ensemble, routing=settings.routing,
                              preserve_mean=True if settings.keep_mean else None,
                              nan_policy="keep", return_info=True)  # NaN (masked) pixels come back as they were
