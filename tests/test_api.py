@@ -240,6 +240,32 @@ def test_nan_policy_keep_restores_around_holes(default_model):
         deblur(da.from_array(img, chunks=128), model=default_model, task="defocus").compute()
 
 
+def test_masked_array_in_masked_array_out(default_model):
+    """Masked pixels (here saturated sentinel columns) are restored around and keep their values."""
+    from skimage import data
+
+    from demoe.degrade import degrade
+
+    sharp = data.camera()[100:356, 100:356].astype(np.float32) / 255
+    counts = (degrade(sharp, "defocus", rng=0).blurry * 4000).round().astype(np.uint16)
+    raw = counts.copy()
+    raw[:, :30] = 65535
+    masked = np.ma.MaskedArray(raw, mask=raw == 65535)
+    out = deblur(masked, model=default_model, task="defocus")
+    assert isinstance(out, np.ma.MaskedArray) and out.dtype == np.uint16
+    np.testing.assert_array_equal(out.mask, masked.mask)
+    assert out.mask is not masked.mask and (masked.data == raw).all()  # its own mask; the input untouched
+    np.testing.assert_array_equal(out.data[:, :30], 65535)
+    clean = deblur(counts, model=default_model, task="defocus")
+    ignored = deblur(raw, model=default_model, task="defocus")  # the sentinels taken as data
+    far = (slice(None), slice(80, None))
+    err_masked = np.abs(out.data[far].astype(float) - clean[far]).mean()
+    assert err_masked < 0.5 * np.abs(ignored[far].astype(float) - clean[far]).mean()  # here 16 against 82
+    rgb = np.ma.MaskedArray(np.dstack([sharp] * 3), mask=False)
+    plain = deblur(rgb, model=default_model, task="defocus")
+    assert isinstance(plain, np.ma.MaskedArray) and not plain.mask.any() and plain.shape == (256, 256, 3)
+
+
 def test_progress_on_dask_input_warns(identity_model):
     lazy = da.from_array(np.zeros((2, 16, 16), np.float32), chunks=(1, 16, 16))
     with pytest.warns(RuntimeWarning, match="progress is not reported for dask input.*TqdmCallback"):

@@ -59,7 +59,7 @@ def _check_image(image) -> Any:
     if image is None:
         raise TypeError("deblur() got None instead of an image array")
     is_dask = type(image).__module__.split(".")[0] == "dask"
-    arr = image if is_dask else np.asarray(image)
+    arr = image if is_dask else np.ma.getdata(image)  # a masked array's mask is taken by deblur()
     kind = arr.dtype.kind
     if kind == "b":
         raise TypeError("boolean images are not supported; pass integer or floating-point data")
@@ -139,26 +139,31 @@ def _check_finite(arr):
 FILL_SIGMA = 4.0
 
 
-def _fill_nonfinite(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """For ``nan_policy='keep'``: ``(filled copy, mask)`` of a ``(..., H, W, C)`` array, or ``(arr, None)``.
+def _holes(arr: np.ndarray, nan_policy: str, mask: np.ndarray | None = None) -> np.ndarray | None:
+    """Pixels to restore around rather than from: masked ones, and NaN/Inf under ``nan_policy='keep'``."""
+    holes = mask if mask is not None and mask.any() else None
+    if nan_policy == "keep" and arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            holes = bad if holes is None else holes | bad
+    return holes
 
-    NaN/Inf pixels get a smooth continuation of the finite pixels around them
-    (a normalised Gaussian convolution), and the plane's median far from any,
-    so the network sees no hole edge to sharpen; the caller puts the original
-    values back into the result at ``mask``.
+
+def _fill_holes(arr: np.ndarray, holes: np.ndarray) -> np.ndarray:
+    """A copy of a ``(..., H, W, C)`` array with ``holes`` filled for the network.
+
+    Each hole gets a smooth continuation of the pixels around it (a normalised
+    Gaussian convolution), and the plane's median far from any, so the
+    network sees no hole edge to sharpen; the caller puts the original values
+    back into the result.
     """
-    if arr.dtype.kind != "f":
-        return arr, None
-    bad = ~np.isfinite(arr)
-    if not bad.any():
-        return arr, None
     import cv2
 
     filled = arr.astype(np.float32)  # a copy: the input is never modified
-    flat, flat_bad = filled.reshape(-1, *arr.shape[-3:]), bad.reshape(-1, *arr.shape[-3:])
+    flat, flat_holes = filled.reshape(-1, *arr.shape[-3:]), holes.reshape(-1, *arr.shape[-3:])
     for p in range(flat.shape[0]):
         for ch in range(flat.shape[-1]):
-            x, hole = flat[p, :, :, ch], flat_bad[p, :, :, ch]
+            x, hole = flat[p, :, :, ch], flat_holes[p, :, :, ch]
             if not hole.any():
                 continue
             good = ~hole
@@ -170,7 +175,7 @@ def _fill_nonfinite(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
             den = cv2.GaussianBlur(good.astype(np.float32), (0, 0), FILL_SIGMA, borderType=cv2.BORDER_REFLECT)
             far = den < 1e-3
             x[hole] = np.where(far, np.median(x[good]), num / np.where(far, 1.0, den))[hole]
-    return filled.astype(arr.dtype, copy=False), bad
+    return filled.astype(arr.dtype, copy=False) if arr.dtype.kind == "f" else _to_dtype(filled, arr.dtype)
 
 
 def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -357,7 +362,10 @@ def deblur(
         Gray ``(M, N)``, colour ``(M, N, 3)``, RGBA ``(M, N, 4)`` (alpha passed
         through untouched), any other channel count (each channel restored as
         gray), with any leading axes (Z, T, ...) restored plane by plane. A
-        dask array gives a lazy dask array back, computed chunk by chunk.
+        dask array gives a lazy dask array back, computed chunk by chunk. A
+        ``numpy.ma`` masked array gives a masked array back, with the same
+        mask: masked pixels are restored around (as NaN under
+        ``nan_policy='keep'``) and keep their values.
     task : {None, 'auto', 'defocus', 'global_motion', 'local_motion', 'synth_global_motion', 'low_light'}
         None/'auto' lets the model recognise the blur; a name forces that expert.
     model : DeMoE or path, optional
@@ -523,12 +531,19 @@ def deblur(
     moved = arr if axis is None else _moveaxis(arr, axis, -1)
     if axis is None:
         moved = moved[..., None]
+    # Masked pixels (numpy.ma) and, with nan_policy='keep', NaN/Inf: restored around, given back as they were.
+    mask = np.ma.getmask(image) if isinstance(image, np.ma.MaskedArray) else np.ma.nomask
+    masked = None
+    if mask is not np.ma.nomask:
+        masked = np.broadcast_to(mask, arr.shape)
+        masked = masked[..., None] if axis is None else np.moveaxis(masked, axis, -1)
     filled, holes = moved, None
     if not is_dask:
-        if nan_policy == "keep":
-            filled, holes = _fill_nonfinite(moved)
+        holes = _holes(moved, nan_policy, masked)
+        if holes is not None:
+            filled = _fill_holes(moved, holes)
         _check_finite(filled)
-    lo, hi = intensity_range(moved, normalize)
+    lo, hi = intensity_range(filled, normalize)
     if tlc is True:
         window = int(patch or 256)
     elif tlc is False or tlc is None:
@@ -558,6 +573,8 @@ def deblur(
         out = out[..., 0]
     else:
         out = _moveaxis(out, -1, axis)
+    if isinstance(image, np.ma.MaskedArray):
+        out = np.ma.MaskedArray(out, mask=np.ma.nomask if mask is np.ma.nomask else mask.copy())
     info.update(device=str(dev), precision=precision, ensemble=int(ensemble), tile_size=tile, overlap=ovl,
                 batch_size=batch, streams=streams,
                 normalization=(lo, hi), seconds=time.perf_counter() - t0)
@@ -785,8 +802,8 @@ def _deblur_dask(moved, s: dict):
         ch, cw = min(h, 4 * s["tile"]), min(w, 4 * s["tile"])
         y0, x0 = (h - ch) // 2, (w - cw) // 2
         crop = np.asarray(plane[y0 : y0 + ch, x0 : x0 + cw].compute())
-        if s["nan_policy"] == "keep":
-            crop = _fill_nonfinite(crop)[0]
+        holes = _holes(crop, s["nan_policy"])
+        crop = crop if holes is None else _fill_holes(crop, holes)
         _check_finite(crop)
         probs = _route_crop(crop, s)
     info = _routing_info(s["task"], [] if probs is None else [probs], net)
@@ -801,7 +818,8 @@ def _deblur_dask(moved, s: dict):
     block_settings = {**s, "preserve_mean": False, "streams": 1}
 
     def block_fn(block):
-        filled, holes = _fill_nonfinite(block) if s["nan_policy"] == "keep" else (block, None)
+        holes = _holes(block, s["nan_policy"])
+        filled = block if holes is None else _fill_holes(block, holes)
         _check_finite(filled)
         out = _deblur_numpy(filled, block_settings, False, fixed_probs=probs)[0]
         if holes is not None:
