@@ -142,12 +142,18 @@ def test_widget_adds_result_layer(make_napari_viewer, qtbot, use_model):
     assert viewer.layers["cells deblurred"].metadata["demoe"]["settings"]["task"] == "defocus"
 
 
-def test_widget_self_ensemble_setting(make_napari_viewer, qtbot, use_model):
+def _docked_with_plane(make_napari_viewer, shape, seed):
+    """A viewer with the widget docked and a random float layer "plane"."""
     viewer = make_napari_viewer()
     widget = DeblurWidget(viewer)
     viewer.window.add_dock_widget(widget)
-    img = np.random.default_rng(2).random((48, 40)).astype(np.float32)
+    img = np.random.default_rng(seed).random(shape).astype(np.float32)
     viewer.add_image(img, name="plane")
+    return viewer, widget, img
+
+
+def test_widget_self_ensemble_setting(make_napari_viewer, qtbot, use_model):
+    viewer, widget, img = _docked_with_plane(make_napari_viewer, (48, 40), seed=2)
     assert widget.ensemble.native.isHidden()  # an advanced setting
     widget.advanced.value = True
     assert not widget.ensemble.native.isHidden()
@@ -176,11 +182,7 @@ def test_widget_self_ensemble_setting(make_napari_viewer, qtbot, use_model):
 
 
 def test_widget_per_tile_routing(make_napari_viewer, qtbot, use_model):
-    viewer = make_napari_viewer()
-    widget = DeblurWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    img = np.random.default_rng(3).random((64, 64)).astype(np.float32)
-    viewer.add_image(img, name="plane")
+    viewer, widget, _ = _docked_with_plane(make_napari_viewer, (64, 64), seed=3)
     widget.advanced.value = True
     widget.auto_tiles.value = False
     widget.tile_size.value, widget.overlap.value = 32, 8

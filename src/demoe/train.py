@@ -142,29 +142,29 @@ class TrainConfig:
             if not Path(folder).exists():
                 raise FileNotFoundError(f"--photos: image folder not found: {folder}")
         for spec in self.psf:
-            file, _, task = spec.rpartition(":")
-            if not file:
-                raise ValueError(f"--psf takes FILE:TASK (e.g. psf.tif:defocus), got {spec!r}")
-            try:
-                task_index(task)
-            except ValueError as err:
-                raise ValueError(f"--psf {spec!r}: {err}") from None
+            file, _ = _with_task(spec, "--psf", "FILE:TASK (e.g. psf.tif:defocus)")
             if not Path(file).is_file():
                 raise FileNotFoundError(f"--psf {spec!r}: file {file} not found")
             from .data import read_psf
 
             read_psf(file)  # a readable 2-D image with a positive sum, or one clear error now
         for spec in self.pairs:
-            folder, _, task = spec.rpartition(":")
-            if not folder:
-                raise ValueError(f"--pairs takes FOLDER:TASK, got {spec!r}")
-            try:
-                task_index(task)
-            except ValueError as err:
-                raise ValueError(f"--pairs {spec!r}: {err}") from None
+            folder, _ = _with_task(spec, "--pairs", "FOLDER:TASK")
             for sub in ("blurry", "sharp"):
                 if not (Path(folder) / sub).is_dir():
                     raise FileNotFoundError(f"--pairs {spec!r}: folder {Path(folder) / sub} not found")
+
+
+def _with_task(spec: str, option: str, form: str) -> tuple[str, str]:
+    """``(path, task)`` of a ``PATH:TASK`` option value, or one clear error."""
+    path, _, task = spec.rpartition(":")
+    if not path:
+        raise ValueError(f"{option} takes {form}, got {spec!r}")
+    try:
+        task_index(task)
+    except ValueError as err:
+        raise ValueError(f"{option} {spec!r}: {err}") from None
+    return path, task
 
 
 def psnr_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
