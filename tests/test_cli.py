@@ -210,6 +210,32 @@ def test_photos_keep_exif_and_colour_profile(tmp_path, identity_model, monkeypat
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / "out" / "deep_deblurred.png"), cv2.IMREAD_UNCHANGED), deep)
 
 
+def test_every_image_hdu_of_a_mosaic_is_restored(tmp_path, tiny_model, monkeypatch, capsys):
+    """A mosaic camera's FITS file: one image HDU per detector, each restored (and routed) on its own."""
+    fits = pytest.importorskip("astropy.io.fits")
+    from demoe import deblur
+
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: tiny_model)
+    rng = np.random.default_rng(12)
+    chips = [rng.integers(0, 60000, (32, 40)).astype(np.uint16) for _ in range(3)]
+    fits.HDUList([fits.PrimaryHDU(), *(fits.ImageHDU(c, name=f"CCD{i}") for i, c in enumerate(chips))]).writeto(
+        tmp_path / "mosaic.fits")
+    assert cli.main(["deblur", str(tmp_path / "mosaic.fits"), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert "(and 2 more image HDUs)" in capsys.readouterr().out
+    with fits.open(tmp_path / "out" / "mosaic_deblurred.fits") as hdus:
+        assert [h.name for h in hdus] == ["PRIMARY", "CCD0", "CCD1", "CCD2"]
+        for chip, hdu in zip(chips, hdus[1:]):
+            expected = deblur(chip, model=tiny_model, device="cpu", nan_policy="keep")
+            assert not np.array_equal(expected, chip)
+            np.testing.assert_array_equal(hdu.data, expected)
+    # A TIFF with several series: only the first is restored, and the line says so.
+    with tifffile.TiffWriter(tmp_path / "two.ome.tif", ome=True) as tif:
+        for chip in chips[:2]:
+            tif.write(chip, metadata={"axes": "YX"})
+    assert cli.main(["deblur", str(tmp_path / "two.ome.tif"), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert "(its first series only: 1 more not in the result)" in capsys.readouterr().out
+
+
 def test_existing_outputs_need_overwrite(folder, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["deblur", str(folder / "img2.png"), "-o", str(out), "-q"]

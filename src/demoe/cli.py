@@ -197,8 +197,11 @@ def run_deblur(args: argparse.Namespace) -> int:
 
                 out, info = deblur(img.data, channel_axis=img.channel_axis, bgr=img.bgr, progress=report,
                                    return_info=True, **kwargs)
+                parts = [dataclasses.replace(part, data=deblur(part.data, channel_axis=part.channel_axis, bgr=part.bgr,
+                                                               progress=report, **kwargs))
+                         for part in img.parts]  # a FITS file's other image HDUs, each routed on its own
                 tiles.close()
-                write_image(dest, dataclasses.replace(img, data=out))
+                write_image(dest, dataclasses.replace(img, data=out, parts=parts))
         except (ValueError, TypeError, OSError, MemoryError) as err:
             failed += 1
             tqdm.write(f"{src}: FAILED: {err}")
@@ -208,7 +211,12 @@ def run_deblur(args: argparse.Namespace) -> int:
         label = f"{info['task']} ({how}, p={p:.2f})" if p is not None else "routing n/a"
         if info.get("tile_tasks"):
             label = "per tile: " + ", ".join(f"{task} {n}" for task, n in info["tile_tasks"].items())
-        tqdm.write(f"{src}: {label} -> {dest} [{time.perf_counter() - t0:.1f} s]")
+        more = ""
+        if src.suffix != ".zarr" and img.parts:
+            more = f" (and {len(img.parts)} more image HDUs)"
+        elif src.suffix != ".zarr" and img.tiff.get("other_series"):
+            more = f" (its first series only: {img.tiff['other_series']} more not in the result)"
+        tqdm.write(f"{src}: {label}{more} -> {dest} [{time.perf_counter() - t0:.1f} s]")
     done = len(plan) - failed - skipped
     print(f"{done} deblurred, {skipped} skipped, {failed} failed", file=sys.stderr)
     return 1 if failed else 0

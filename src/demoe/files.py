@@ -6,8 +6,9 @@ and ICC colour profile are carried over through Pillow for 8-bit JPEG, PNG and
 WebP), TIFF through tifffile (multi-page,
 any dtype, axes and resolution carried over; ImageJ spacing, unit and frame
 interval; OME-TIFF's image metadata: physical pixel sizes, time increment,
-channels, planes), FITS through astropy when it is installed (the first image
-HDU is restored; every other HDU and every header card is written back),
+channels, planes; only the first series), FITS through astropy when it is
+installed (every image HDU is restored; every other HDU and every header card is
+written back),
 ``.npy`` through
 numpy (no pickles). Every write goes to a temporary file in the destination
 folder and is renamed into place, so an interrupted run never leaves a
@@ -16,6 +17,7 @@ half-written image.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from contextlib import contextmanager
@@ -52,6 +54,9 @@ class Image:
     tiff: dict[str, Any] = field(default_factory=dict)
     fits: dict[str, Any] = field(default_factory=dict)  # FITS: the source file and the image HDU's index
     photo: dict[str, bytes] = field(default_factory=dict)  # JPEG/PNG/WebP: "exif" and "icc_profile" bytes
+    #: Further images in the same file (a FITS file's other image HDUs), each restored on its own and
+    #: written back with this one.
+    parts: list[Image] = field(default_factory=list)
 
 
 def read_image(path: str | Path) -> Image:
@@ -88,7 +93,8 @@ def _read_tiff(path: Path) -> Image:
             data = series.asarray()
             axes = series.axes
             page = tif.pages[0]
-            info: dict[str, Any] = {"axes": axes, "photometric": page.photometric.name.lower()}
+            info: dict[str, Any] = {"axes": axes, "photometric": page.photometric.name.lower(),
+                                    "other_series": len(tif.series) - 1}  # not read: only series 0 is restored
             if tif.is_imagej:
                 info["imagej"] = {k: v for k, v in (tif.imagej_metadata or {}).items()
                                   if k in ("spacing", "unit", "finterval", "fps", "loop", "min", "max", "mode")}
@@ -156,15 +162,15 @@ def _read_fits(path: Path) -> Image:
     fits = _astropy_fits()
     try:
         with fits.open(path, memmap=False) as hdus:
-            index = next((i for i, hdu in enumerate(hdus)
-                          if hdu.is_image and hdu.data is not None and hdu.data.ndim >= 2), None)
-            if index is None:
-                raise ValueError(f"{path.name} has no image HDU with two or more axes")
-            data = np.array(hdus[index].data)  # BSCALE/BZERO applied by astropy (unsigned ints, scaled floats)
+            # Every image HDU with two or more axes: a mosaic camera writes one per detector.
+            images = [Image(np.array(hdu.data), None, fits={"source": path, "index": i})  # BSCALE/BZERO applied
+                      for i, hdu in enumerate(hdus) if hdu.is_image and hdu.data is not None and hdu.data.ndim >= 2]
     except OSError as err:
         raise ValueError(f"cannot read {path.name}: {err}") from err
+    if not images:
+        raise ValueError(f"{path.name} has no image HDU with two or more axes")
     # FITS stores axes last-first: (…, NAXIS2, NAXIS1) = (…, Y, X); every leading plane is an image.
-    return Image(data, None, fits={"source": path, "index": index})
+    return dataclasses.replace(images[0], parts=images[1:])
 
 
 def _write_fits(tmp: Path, image: Image) -> None:
@@ -173,11 +179,12 @@ def _write_fits(tmp: Path, image: Image) -> None:
         fits.PrimaryHDU(image.data).writeto(tmp)
         return
     with fits.open(image.fits["source"], memmap=False) as hdus:
-        hdu = hdus[image.fits["index"]]
-        hdu.data = image.data  # astropy sets BITPIX/NAXIS and the unsigned-integer BZERO from it
-        for key in ("BSCALE", "BZERO"):  # a scaled integer input: the result is stored as it is
-            if key in hdu.header and not (key == "BZERO" and image.data.dtype.kind == "u"):
-                del hdu.header[key]
+        for part in (image, *image.parts):
+            hdu = hdus[part.fits["index"]]
+            hdu.data = part.data  # astropy sets BITPIX/NAXIS and the unsigned-integer BZERO from it
+            for key in ("BSCALE", "BZERO"):  # a scaled integer input: the result is stored as it is
+                if key in hdu.header and not (key == "BZERO" and part.data.dtype.kind == "u"):
+                    del hdu.header[key]
         hdus.writeto(tmp, output_verify="silentfix")
 
 
