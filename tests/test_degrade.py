@@ -126,6 +126,12 @@ def test_psf_stream_blurs_with_your_psf(sharp):
         assert dx < 0.5 * dy and dy < 0.5
     with pytest.raises(ValueError, match="valid tasks are"):
         PsfPairs([photo], [wide], "fog")
+    # Its crops are its own, not the synthetic stream's with the same seed (nor another PSF stream's).
+    crops = [next(iter(cls))[1] for cls in (SyntheticPairs([photo], patch=32, photo_fraction=1.0, seed=2, margin=21),
+                                             PsfPairs([photo], [wide], "defocus", patch=32, photo_fraction=1.0, seed=2),
+                                             PsfPairs([photo], [wide], "defocus", patch=32, photo_fraction=1.0, seed=2,
+                                                      stream=1))]
+    assert not torch.equal(crops[0], crops[1]) and not torch.equal(crops[1], crops[2])
 
 
 def test_dead_leaves_statistics():

@@ -165,9 +165,12 @@ class SyntheticPairs(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        rng = np.random.default_rng([self.seed, worker])
+        rng = np.random.default_rng(self._entropy(worker))
         while True:
             yield self.sample(rng)
+
+    def _entropy(self, worker: int) -> list[int]:
+        return [self.seed, worker]
 
 
 class PsfPairs(SyntheticPairs):
@@ -179,14 +182,17 @@ class PsfPairs(SyntheticPairs):
     """
 
     def __init__(self, images: Sequence[np.ndarray], psfs: Sequence[np.ndarray], task: str, patch: int = 128, *,
-                 photo_fraction: float = 0.8, seed: int = 0):
+                 photo_fraction: float = 0.8, seed: int = 0, stream: int = 0):
         psfs = [np.asarray(psf, np.float32) for psf in psfs]
         if not psfs:
             raise ValueError("PsfPairs needs at least one PSF")
         margin = max(32, max(max(psf.shape) for psf in psfs) // 2 + 1)  # the blur's reach, in real pixels
         super().__init__(images, patch, photo_fraction=photo_fraction, tasks=[task], seed=seed, margin=margin)
-        self.psfs, self.task = psfs, task
+        self.psfs, self.task, self.stream = psfs, task, stream
         task_index(task)
+
+    def _entropy(self, worker: int) -> list[int]:
+        return [self.seed, worker, 3000 + self.stream]  # crops of their own, not the synthetic stream's
 
     def sample(self, rng: np.random.Generator):
         crop = self._crop(rng)

@@ -221,8 +221,8 @@ def build_data(cfg: TrainConfig):
         for spec in cfg.psf:
             file, _, task = spec.rpartition(":")  # checked by TrainConfig.check()
             by_task.setdefault(task, []).append(read_psf(file))
-        psf_streams = [PsfPairs(photos, psfs, task, cfg.patch, photo_fraction=cfg.photo_fraction, seed=cfg.seed)
-                       for task, psfs in by_task.items()]
+        psf_streams = [PsfPairs(photos, psfs, task, cfg.patch, photo_fraction=cfg.photo_fraction, seed=cfg.seed,
+                                stream=k) for k, (task, psfs) in enumerate(by_task.items())]
         w = [1 - cfg.psf_fraction] + [cfg.psf_fraction / len(psf_streams)] * len(psf_streams)
         stream = Mixed([stream, *psf_streams], w, cfg.seed)
     if cfg.pairs:
