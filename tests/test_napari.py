@@ -273,6 +273,11 @@ def test_dask_layer_gives_lazy_result(make_napari_viewer, qtbot, use_model):
     _wait(qtbot, widget)
     assert isinstance(viewer.layers["lazy deblurred"].data, np.ndarray)
     assert widget.progress.value == widget.progress.max > 2  # dask's tasks, counted as they ran
+    assert widget._unit == "tasks"
+    widget.keep_mean.value = True  # reads the stack into memory first: tiles again
+    widget.run()
+    _wait(qtbot, widget)
+    assert widget._unit == "tiles" and widget.progress.value == widget.progress.max == 3  # 3 planes, 1 tile each
 
 
 def test_sample_data_opens(make_napari_viewer):

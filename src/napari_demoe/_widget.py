@@ -290,7 +290,8 @@ class DeblurWidget(Container):
         self._cancel.clear()
         data = _layer_array(layer)
         relay = self._progress_relay
-        self._unit = "tasks" if settings.compute and _is_lazy(data) else "tiles"  # dask counts its tasks
+        # Computing lazy data now counts dask's tasks (unless Keep mean reads it into memory first).
+        self._unit = "tasks" if settings.compute and not settings.keep_mean and _is_lazy(data) else "tiles"
 
         def report(done, total):
             if self._cancel.is_set():
