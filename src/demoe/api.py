@@ -149,6 +149,14 @@ def _holes(arr: np.ndarray, nan_policy: str, mask: np.ndarray | None = None) -> 
     return holes
 
 
+def _filled(arr: np.ndarray, nan_policy: str, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(array for the network, holes or None)``: the holes filled, and no NaN/Inf left (else ValueError)."""
+    holes = _holes(arr, nan_policy, mask)
+    filled = arr if holes is None else _fill_holes(arr, holes)
+    _check_finite(filled)
+    return filled, holes
+
+
 def _fill_holes(arr: np.ndarray, holes: np.ndarray) -> np.ndarray:
     """A copy of a ``(..., H, W, C)`` array with ``holes`` filled for the network.
 
@@ -528,21 +536,11 @@ def deblur(
     streams = int(streams)
 
     # Channels last, planes first: (P, H, W, C).
-    moved = arr if axis is None else _moveaxis(arr, axis, -1)
-    if axis is None:
-        moved = moved[..., None]
+    moved = _channels_last(arr, axis)
     # Masked pixels (numpy.ma) and, with nan_policy='keep', NaN/Inf: restored around, given back as they were.
     mask = np.ma.getmask(image) if isinstance(image, np.ma.MaskedArray) else np.ma.nomask
-    masked = None
-    if mask is not np.ma.nomask:
-        masked = np.broadcast_to(mask, arr.shape)
-        masked = masked[..., None] if axis is None else np.moveaxis(masked, axis, -1)
-    filled, holes = moved, None
-    if not is_dask:
-        holes = _holes(moved, nan_policy, masked)
-        if holes is not None:
-            filled = _fill_holes(moved, holes)
-        _check_finite(filled)
+    masked = None if mask is np.ma.nomask else _channels_last(np.broadcast_to(mask, arr.shape), axis)
+    filled, holes = _filled(moved, nan_policy, masked) if not is_dask else (moved, None)
     lo, hi = intensity_range(filled, normalize)
     if tlc is True:
         window = int(patch or 256)
@@ -579,6 +577,11 @@ def deblur(
                 batch_size=batch, streams=streams,
                 normalization=(lo, hi), seconds=time.perf_counter() - t0)
     return (out, info) if return_info else out
+
+
+def _channels_last(a, axis: int | None):
+    """``(..., H, W, C)``: the channel axis moved last, or a length-1 one added where there is none."""
+    return a[..., None] if axis is None else _moveaxis(a, axis, -1)
 
 
 def _moveaxis(a, src, dst):
@@ -802,9 +805,7 @@ def _deblur_dask(moved, s: dict):
         ch, cw = min(h, 4 * s["tile"]), min(w, 4 * s["tile"])
         y0, x0 = (h - ch) // 2, (w - cw) // 2
         crop = np.asarray(plane[y0 : y0 + ch, x0 : x0 + cw].compute())
-        holes = _holes(crop, s["nan_policy"])
-        crop = crop if holes is None else _fill_holes(crop, holes)
-        _check_finite(crop)
+        crop = _filled(crop, s["nan_policy"])[0]
         probs = _route_crop(crop, s)
     info = _routing_info(s["task"], [] if probs is None else [probs], net)
     info.update(tiles=None, tile_shape=None, computed=None)  # planned per chunk, lazily
@@ -818,9 +819,7 @@ def _deblur_dask(moved, s: dict):
     block_settings = {**s, "preserve_mean": False, "streams": 1}
 
     def block_fn(block):
-        holes = _holes(block, s["nan_policy"])
-        filled = block if holes is None else _fill_holes(block, holes)
-        _check_finite(filled)
+        filled, holes = _filled(block, s["nan_policy"])
         out = _deblur_numpy(filled, block_settings, False, fixed_probs=probs)[0]
         if holes is not None:
             out[holes] = block[holes]
