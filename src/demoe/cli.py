@@ -180,6 +180,7 @@ def run_deblur(args: argparse.Namespace) -> int:
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
+        more = ""  # what else the file holds, when not all of it is in one image
         try:
             if src.suffix == ".zarr":
                 if args.preserve_mean:
@@ -195,13 +196,19 @@ def run_deblur(args: argparse.Namespace) -> int:
                     tiles.n = done
                     tiles.refresh()
 
-                out, info = deblur(img.data, channel_axis=img.channel_axis, bgr=img.bgr, progress=report,
-                                   return_info=True, **kwargs)
-                parts = [dataclasses.replace(part, data=deblur(part.data, channel_axis=part.channel_axis, bgr=part.bgr,
-                                                               progress=report, **kwargs))
-                         for part in img.parts]  # a FITS file's other image HDUs, each routed on its own
+                def restore(image, **extra):
+                    return deblur(image.data, channel_axis=image.channel_axis, bgr=image.bgr, progress=report,
+                                  **kwargs, **extra)
+
+                out, info = restore(img, return_info=True)
+                # A FITS file's other image HDUs, each routed on its own.
+                parts = [dataclasses.replace(part, data=restore(part)) for part in img.parts]
                 tiles.close()
                 write_image(dest, dataclasses.replace(img, data=out, parts=parts))
+                if img.parts:
+                    more = f" (and {len(img.parts)} more image HDUs)"
+                elif img.tiff.get("other_series"):
+                    more = f" (its first series only: {img.tiff['other_series']} more not in the result)"
         except (ValueError, TypeError, OSError, MemoryError) as err:
             failed += 1
             tqdm.write(f"{src}: FAILED: {err}")
@@ -211,11 +218,6 @@ def run_deblur(args: argparse.Namespace) -> int:
         label = f"{info['task']} ({how}, p={p:.2f})" if p is not None else "routing n/a"
         if info.get("tile_tasks"):
             label = "per tile: " + ", ".join(f"{task} {n}" for task, n in info["tile_tasks"].items())
-        more = ""
-        if src.suffix != ".zarr" and img.parts:
-            more = f" (and {len(img.parts)} more image HDUs)"
-        elif src.suffix != ".zarr" and img.tiff.get("other_series"):
-            more = f" (its first series only: {img.tiff['other_series']} more not in the result)"
         tqdm.write(f"{src}: {label}{more} -> {dest} [{time.perf_counter() - t0:.1f} s]")
     done = len(plan) - failed - skipped
     print(f"{done} deblurred, {skipped} skipped, {failed} failed", file=sys.stderr)

@@ -212,27 +212,30 @@ def build_model(cfg: TrainConfig) -> tuple[DeMoE, dict]:
 
 
 def build_data(cfg: TrainConfig):
-    from .data import Mixed, PairFolder, PsfPairs, SyntheticPairs, load_photos, read_psf
+    from .data import PairFolder, PsfPairs, SyntheticPairs, load_photos, read_psf
 
     photos = load_photos(cfg.photos, cfg.max_side) if cfg.photos else []
     stream = SyntheticPairs(photos, cfg.patch, photo_fraction=cfg.photo_fraction, seed=cfg.seed)
     if cfg.psf:
         by_task: dict[str, list] = {}
         for spec in cfg.psf:
-            file, _, task = spec.rpartition(":")  # checked by TrainConfig.check()
+            file, task = _with_task(spec, "--psf", "FILE:TASK")
             by_task.setdefault(task, []).append(read_psf(file))
         psf_streams = [PsfPairs(photos, psfs, task, cfg.patch, photo_fraction=cfg.photo_fraction, seed=cfg.seed,
                                 stream=k) for k, (task, psfs) in enumerate(by_task.items())]
-        w = [1 - cfg.psf_fraction] + [cfg.psf_fraction / len(psf_streams)] * len(psf_streams)
-        stream = Mixed([stream, *psf_streams], w, cfg.seed)
+        stream = _mixed(stream, psf_streams, cfg.psf_fraction, cfg.seed)
     if cfg.pairs:
-        pair_streams = []
-        for spec in cfg.pairs:
-            folder, _, task = spec.rpartition(":")  # checked by TrainConfig.check()
-            pair_streams.append(PairFolder(folder, task, cfg.patch, cfg.seed))
-        w = [1 - cfg.pair_fraction] + [cfg.pair_fraction / len(pair_streams)] * len(pair_streams)
-        stream = Mixed([stream, *pair_streams], w, cfg.seed)
+        pair_streams = [PairFolder(*_with_task(spec, "--pairs", "FOLDER:TASK"), cfg.patch, cfg.seed)
+                        for spec in cfg.pairs]
+        stream = _mixed(stream, pair_streams, cfg.pair_fraction, cfg.seed)
     return stream, len(photos)
+
+
+def _mixed(stream, extra: list, fraction: float, seed: int):
+    """``stream`` with ``extra`` streams mixed in: ``fraction`` of the samples, shared equally among them."""
+    from .data import Mixed
+
+    return Mixed([stream, *extra], [1 - fraction] + [fraction / len(extra)] * len(extra), seed)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
