@@ -210,7 +210,7 @@ def global_motion(sharp, rng, *, psf=None, length=(4.0, 25.0), noise=0.0, jpeg=N
     return _finish(blurry, sharp, "global_motion", psf, rng, noise, jpeg)
 
 
-def _random_mask(shape, rng) -> np.ndarray:
+def random_mask(shape, rng) -> np.ndarray:
     """A soft random blob (ellipse or polygon) covering 5-40 % of the image."""
     h, w = shape
     mask = np.zeros((h, w), np.float32)
@@ -243,7 +243,7 @@ def local_motion(sharp, rng, *, objects=(1, 3), length=(5.0, 30.0), noise=0.0, j
     out = _saturate(sharp, saturate).copy()
     chan = (lambda m: m[..., None]) if sharp.ndim == 3 else (lambda m: m)
     for _ in range(rng.integers(objects[0], objects[1] + 1)):
-        mask = _random_mask(sharp.shape[:2], rng)
+        mask = random_mask(sharp.shape[:2], rng)
         traj = random_linear_trajectory(rng, rng.uniform(*length), curvature=rng.uniform(0, 0.5))
         psf = psf_trajectory(traj)
         layer = convolve(out * chan(mask), psf)
