@@ -270,3 +270,97 @@ def save_model(model: DeMoE, path: str | Path, **metadata: Any) -> Path:
     save_file(tensors, str(tmp), metadata=header)
     tmp.replace(path)
     return path
+
+
+# -- shards: weights in pieces small enough to travel -------------------------------------
+_SHARD_KEY = "shard"
+
+
+def split_weights(path: str | Path, folder: str | Path, max_bytes: int = 15 * 2**20) -> list[Path]:
+    """Cut a safetensors file into shards of at most ``max_bytes`` of tensor data.
+
+    Each shard ``NAME-partKofN.safetensors`` holds whole tensors and the full
+    header, plus ``shard: "K/N"``; :func:`join_weights` puts them back together
+    bit for bit. (A GPU round's results come back in files of limited size.)
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, folder = Path(path), Path(folder)
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if nbytes > max_bytes:
+            raise ValueError(f"{path.name}: tensor {name} alone is {nbytes} bytes, over the {max_bytes}-byte limit")
+        if size + nbytes > max_bytes and groups[-1]:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += nbytes
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, group in enumerate(groups, 1):
+        dest = folder / f"{path.stem}-part{k}of{len(groups)}.safetensors"
+        save_file(group, str(dest), metadata={**header, _SHARD_KEY: f"{k}/{len(groups)}"})
+        written.append(dest)
+    return written
+
+
+def join_weights(shards: list[str | Path], dest: str | Path) -> Path:
+    """Join the shards of :func:`split_weights` into one safetensors file (all of them, any order)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    headers, parts = [], set()
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            header = dict(f.metadata() or {})
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+        part, _, total = header.pop(_SHARD_KEY, "").partition("/")
+        if not part.isdigit() or not total.isdigit():
+            raise CheckpointError(f"{shard}: not a shard written by split_weights (no '{_SHARD_KEY}' entry)")
+        parts.add((int(part), int(total)))
+        headers.append(header)
+    totals = {t for _, t in parts}
+    if len(totals) != 1 or {p for p, _ in parts} != set(range(1, next(iter(totals)) + 1)):
+        raise CheckpointError(f"shards do not make one whole: got parts {sorted(parts)}")
+    if any(h != headers[0] for h in headers):
+        raise CheckpointError("shards come from different files: their headers differ")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=headers[0])
+    tmp.replace(dest)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m demoe.checkpoint split FILE FOLDER [--max-mib M]`` / ``join SHARD... -o FILE``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m demoe.checkpoint", description="Split or join weights files.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("split", help="cut a .safetensors file into shards")
+    s.add_argument("file")
+    s.add_argument("folder")
+    s.add_argument("--max-mib", type=float, default=15.0, help="largest shard, MiB of tensor data (default 15)")
+    j = sub.add_parser("join", help="join shards into one .safetensors file")
+    j.add_argument("shards", nargs="+")
+    j.add_argument("-o", "--out", required=True)
+    args = parser.parse_args(argv)
+    if args.command == "split":
+        for p in split_weights(args.file, args.folder, int(args.max_mib * 2**20)):
+            print(p)
+    else:
+        print(join_weights(args.shards, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

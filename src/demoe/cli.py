@@ -268,8 +268,11 @@ def _stage_lines(record: dict) -> list[str]:
     """One stage of the weights' training record (a fine-tune names the file it started from)."""
     lines = [f"then fine-tuned from {record['init'].get('source')}:"] if record.get("init") else []
     for s in record.get("sessions", []):
+        speed = (f", {s['patches_per_s']:.0f} patches/s ({s['steps_per_s']:.2f} steps/s"
+                 + (f", GPU busy {s['gpu_util_mean']:.0f} %)" if "gpu_util_mean" in s else ")")
+                 if "patches_per_s" in s else "")
         lines.append(f"training: steps {s.get('start_step')}-{s.get('end_step')} on {s.get('hardware')}, "
-                     f"{s.get('wall_time_s', 0) / 60:.1f} min, started {s.get('started')}")
+                     f"{s.get('wall_time_s', 0) / 60:.1f} min{speed}, started {s.get('started')}")
     if "data" in record:
         lines.append(f"data: {record['data']}")
     elif "photos" in record:

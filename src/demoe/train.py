@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -74,6 +74,9 @@ class TrainConfig:
                           DATA, "FILE:TASK")
     psf_fraction: float = _opt(0.5, "share of patches blurred by --psf, when given", DATA, "F")
     max_side: int | None = _opt(None, "downscale photographs whose longer side exceeds this (pixels)", DATA, "PX")
+    device_data: bool = _opt(False, "make the blurred patches on the training device (demoe.batch_degrade): "
+                             "photographs kept in its memory, whole batches degraded there in torch, no "
+                             "DataLoader workers; what keeps a GPU busy (--photos and dead leaves only)", DATA)
     patch: int = _opt(128, "training patch size (pixels)", DATA, "PX")
     batch: int = _opt(16, "patches per step", DATA, "N")
     workers: int = _opt(2, "data-loading processes (0: in the training process)", DATA, "N")
@@ -88,6 +91,7 @@ class TrainConfig:
     ema: float = _opt(0.0, "decay of an exponential moving average of the weights, exported instead "
                       "(e.g. 0.999; 0: off)", OPTIM)
     amp: str = _opt("none", "mixed precision: none or bf16 (autocast on CUDA)", OPTIM)
+    channels_last: bool = _opt(False, "keep activations channels-last (faster convolutions on recent GPUs)", OPTIM)
     seed: int = _opt(0, "seeds the weights, the data and the blur", OPTIM, "N")
     device: str | None = _opt(None, "cpu, cuda, cuda:N or mps (default: the best available)", OPTIM)
     out: str = _opt("runs/demoe", "run folder: last.pt to resume from, model.safetensors at the end; "
@@ -133,6 +137,11 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1) (a decay such as 0.999; 0 turns it off), got {self.ema}")
+        if self.device_data and (self.psf or self.pairs):
+            raise ValueError("--device-data makes synthetic pairs from --photos only; "
+                             "--psf and --pairs need the DataLoader path (leave out --device-data)")
+        if self.device_data and self.patch % 16:
+            raise ValueError(f"--device-data needs a patch that is a multiple of 16, got {self.patch}")
         if self.router_only and not self.init:
             raise ValueError("router_only needs --init: a router alone cannot be trained on an untrained encoder")
         if self.init and not init_path(self.init).is_file():
@@ -173,9 +182,10 @@ def psnr_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(mse + 1e-8).mean()
 
 
-def batch_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+def batch_psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean PSNR (dB) of a batch, as a 0-d tensor (read it with ``float()`` when needed: that waits for the GPU)."""
     mse = (pred.clamp(0, 1) - target).pow(2).flatten(1).mean(1)
-    return float((-10 * torch.log10(mse + 1e-10)).mean())
+    return (-10 * torch.log10(mse + 1e-10)).mean()
 
 
 def batch_losses(model: DeMoE, cfg: TrainConfig, blurry, sharp, label):
@@ -231,6 +241,87 @@ def build_data(cfg: TrainConfig):
     return stream, len(photos)
 
 
+def training_batches(cfg: TrainConfig, device: torch.device) -> tuple[Iterator, int]:
+    """An endless iterator of ``(blurry, sharp, label)`` batches on ``device``, and the number of photos.
+
+    With ``device_data`` the batches are made on the device itself
+    (:class:`demoe.batch_degrade.DeviceBatches`); otherwise DataLoader workers
+    run the numpy generators and the batches are copied over.
+    """
+    if cfg.device_data:
+        from .batch_degrade import DeviceBatches
+        from .data import load_photos
+
+        photos = load_photos(cfg.photos, cfg.max_side) if cfg.photos else []
+        stream = DeviceBatches(photos, cfg.patch, cfg.batch, device=device, photo_fraction=cfg.photo_fraction,
+                               seed=cfg.seed)
+        return iter(stream), stream.n_photos
+    dataset, n_photos = build_data(cfg)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+    moved = ((t.to(device, non_blocking=True) for t in batch) for batch in loader)
+    return (tuple(batch) for batch in moved), n_photos
+
+
+def gpu_utilisation(device: torch.device) -> int | None:
+    """The GPU's busy percentage over the last sample period (NVML), or None where it cannot be read."""
+    if device.type != "cuda":
+        return None
+    try:
+        return int(torch.cuda.utilization(device))
+    except Exception:  # no NVML (pynvml / nvidia-ml-py) or no permission: not worth stopping a run
+        return None
+
+
+class Throughput:
+    """Patches and steps per second over the run, from the first timed step on (the warm-up excluded)."""
+
+    def __init__(self, batch: int, patch: int, device: torch.device, warmup: int = 5):
+        self.batch, self.patch, self.device, self.warmup = batch, patch, device, warmup
+        self.seen = 0
+        self.t0 = self.steps = None
+        self.gpu: list[int] = []
+
+    def step(self) -> None:
+        self.seen += 1
+        if self.seen == self.warmup:
+            self._sync()
+            self.t0, self.steps = time.perf_counter(), 0
+        elif self.t0 is not None:
+            self.steps += 1
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def sample_gpu(self) -> None:
+        util = gpu_utilisation(self.device)
+        if util is not None:
+            self.gpu.append(util)
+
+    def summary(self) -> dict:
+        """steps/s, patches/s, the same in 128 px patches, and the mean GPU utilisation sampled."""
+        if not self.steps:
+            return {}
+        self._sync()
+        seconds = time.perf_counter() - self.t0
+        steps = self.steps / seconds
+        out = {"steps_per_s": round(steps, 3), "patches_per_s": round(steps * self.batch, 1),
+               "patches128_per_s": round(steps * self.batch * (self.patch / 128) ** 2, 1),
+               "timed_steps": self.steps, "timed_s": round(seconds, 1)}
+        if self.gpu:
+            out["gpu_util_mean"] = round(float(np.mean(self.gpu)), 1)
+        return out
+
+    def line(self) -> str:
+        s = self.summary()
+        if not s:
+            return ""
+        gpu = f", GPU busy {s['gpu_util_mean']:.0f} %" if "gpu_util_mean" in s else ""
+        return (f"{s['steps_per_s']:.2f} steps/s, {s['patches_per_s']:.0f} patches/s of {self.patch} px "
+                f"({s['patches128_per_s']:.0f}/s of 128 px){gpu}")
+
+
 def _mixed(stream, extra: list, fraction: float, seed: int):
     """``stream`` with ``extra`` streams mixed in: ``fraction`` of the samples, shared equally among them."""
     from .data import Mixed
@@ -262,6 +353,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     model, init_meta = build_model(cfg)
     model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if cfg.freeze_encoder or cfg.router_only:
         prefixes = ("mlp_branch.",) if cfg.router_only else ("experts.", "mlp_branch.", "ups.", "decoders.", "ending.")
         for name, p in model.named_parameters():
@@ -288,14 +381,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     # A resumed run draws fresh (but still seeded) data: the seed includes the step.
     data_cfg = dataclasses.replace(cfg, seed=cfg.seed * 1_000_003 + step)
-    dataset, n_photos = build_data(data_cfg)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch, num_workers=cfg.workers,
-                                         pin_memory=device.type == "cuda",
-                                         persistent_workers=cfg.workers > 0)
+    it, n_photos = training_batches(data_cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step: let cuDNN pick its fastest kernels
 
     def save_checkpoint():
         """Write last.pt, with this session's record brought up to the current step."""
@@ -303,6 +394,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         session["wall_time_s"] = time.time() - t0
         record["wall_time_s"] = sum(s.get("wall_time_s", 0.0) for s in record["sessions"])
         record["steps"] = step
+        session.update(speed.summary())
         state = {"params": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                  "record": json.dumps(record), "config": json.dumps(dataclasses.asdict(cfg))}
         if ema is not None:
@@ -317,6 +409,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     record["sessions"].append(session)
     record["photos"] = n_photos
+    speed = Throughput(cfg.batch, cfg.patch, device)
     t0 = time.time()
     model.train()
     try:
@@ -325,7 +418,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         bar = tqdm(total=cfg.steps, initial=step, disable=not progress, dynamic_ncols=True)
     except ImportError:  # pragma: no cover
         bar = None
-    it = iter(loader)
     running = []
     probe = (session["start_step"] + 20, session["start_step"] + 120)  # steps timed for fit_to_time
     try:
@@ -345,7 +437,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                         bar.total = fitted
                     print(f"{rate:.2f} steps/s: schedule fitted to {fitted} steps", file=sys.stderr, flush=True)
             blurry, sharp, label = next(it)
-            blurry, sharp, label = (t.to(device, non_blocking=True) for t in (blurry, sharp, label))
+            if cfg.channels_last:
+                blurry = blurry.contiguous(memory_format=torch.channels_last)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             with autocast:
@@ -359,14 +452,21 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                     for name, p in trained.items():
                         ema[name].lerp_(p.detach(), 1 - cfg.ema)
             step += 1
-            acc = float((logits.argmax(1) == label).float().mean())
-            gain = 0.0 if pred is None else batch_psnr(pred.detach(), sharp) - batch_psnr(blurry, sharp)
-            running.append((gain, float(ce.detach()), acc))
+            speed.step()
+            # Kept as tensors until a log line needs them: reading a number waits for the GPU.
+            with torch.no_grad():
+                acc = (logits.argmax(1) == label).float().mean()
+                gain = torch.zeros((), device=device) if pred is None else \
+                    batch_psnr(pred.detach(), sharp) - batch_psnr(blurry.float(), sharp)
+                running.append(torch.stack([gain, ce.detach().float(), acc]))
             if step % cfg.log_every == 0 or step == cfg.steps:
-                gain, ce_m, acc_m = np.mean(running, axis=0)
+                gain, ce_m, acc_m = torch.stack(running).mean(0).tolist()
                 running.clear()
+                speed.sample_gpu()
                 shown = "" if cfg.router_only else f" gain {gain:+.2f} dB"  # no restoration to score
                 msg = f"step {step} loss {float(loss.detach()):.3f}{shown} ce {ce_m:.3f} route-acc {acc_m:.2f}"
+                if speed.summary() and not progress:
+                    msg += f" | {speed.line()}"
                 if bar is not None:
                     bar.set_postfix_str(msg.split(" ", 2)[2])
                 if not progress:
@@ -385,6 +485,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if bar is not None:
         bar.close()
     save_checkpoint()
+    if speed.summary():
+        print(f"throughput: {speed.line()}", file=sys.stderr, flush=True)
     # deblur() sizes its tiles from the patch the restoration was trained on; training the
     # router alone (on any patch size) does not change it.
     patch = int(init_meta.get("patch_size") or cfg.patch) if cfg.router_only else cfg.patch

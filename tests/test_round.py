@@ -1,0 +1,77 @@
+"""The GPU training round's pieces, run on the CPU: on-device data in the trainer, throughput, shards."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from demoe import load_model
+from demoe.checkpoint import CheckpointError, default_weights_path, join_weights, split_weights
+from demoe.train import main as train_main
+
+TINY = ["--width", "4", "--enc-blk-nums", "1", "1", "--dec-blk-nums", "1", "1", "--middle-blk-num", "1"]
+
+
+def test_device_data_training_runs_resumes_and_records_its_speed(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*TINY, "--device-data", "--patch", "32", "--batch", "5", "--log-every", "4", "--out", str(out),
+            "--no-progress", "--channels-last", "--photo-fraction", "0"]
+    assert train_main([*args, "--steps", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "throughput:" in err and "patches/s of 32 px" in err
+    record = json.loads(safe_open(str(out / "model.safetensors"), "pt").metadata()["training"])
+    session = record["sessions"][-1]
+    assert session["end_step"] == 8 and session["patches_per_s"] > 0
+    assert session["patches_per_s"] == pytest.approx(session["steps_per_s"] * 5, rel=0.01)
+    assert record["config"]["device_data"] is True
+    before = load_model(out / "model.safetensors", device="cpu").state_dict()
+    assert train_main([*args, "--steps", "12"]) == 0  # a rerun resumes at step 8
+    assert "resumed from" in capsys.readouterr().err
+    after = load_model(out / "model.safetensors", device="cpu").state_dict()
+    assert json.loads(safe_open(str(out / "model.safetensors"), "pt").metadata()["training"])["steps"] == 12
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--psf", "x.tif:defocus"], "--device-data makes synthetic pairs"),
+    (["--patch", "40"], "multiple of 16"),
+])
+def test_device_data_refuses_what_it_cannot_do(tmp_path, capsys, extra, message):
+    (tmp_path / "x.tif").write_bytes(b"")
+    args = [*TINY, "--device-data", "--out", str(tmp_path / "run"), "--steps", "2", *extra]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert train_main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_weights_split_into_shards_and_join_bit_for_bit(tmp_path):
+    source = default_weights_path()
+    shards = split_weights(source, tmp_path / "shards", max_bytes=8 * 2**20)
+    assert len(shards) == 3 and all(p.stat().st_size < 9 * 2**20 for p in shards)
+    joined = join_weights(list(reversed(shards)), tmp_path / "joined.safetensors")
+    with safe_open(str(source), "pt") as a, safe_open(str(joined), "pt") as b:
+        assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    with pytest.raises(CheckpointError, match="do not make one whole"):
+        join_weights(shards[:2], tmp_path / "partial.safetensors")
+    with pytest.raises(CheckpointError, match="not a shard"):
+        join_weights([source], tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="over the"):
+        split_weights(source, tmp_path / "tiny", max_bytes=1000)
+
+
+def test_device_batches_feed_the_model_like_the_loader():
+    """A batch from the device stream has the DataLoader's layout: the model trains on it as is."""
+    from demoe import DeMoE
+    from demoe.batch_degrade import DeviceBatches
+    from demoe.train import TrainConfig, batch_losses
+
+    blurry, sharp, label = DeviceBatches([], patch=32, batch=5, seed=0, bank=8, leaves=1).sample()
+    model = DeMoE(3, 4, 1, [1, 1], [1, 1])
+    loss, ce, logits, pred = batch_losses(model, TrainConfig(), blurry, sharp, label)
+    loss.backward()
+    assert np.isfinite(float(loss)) and logits.shape == (5, 5) and pred.shape == sharp.shape
