@@ -75,3 +75,29 @@ def test_device_batches_feed_the_model_like_the_loader():
     loss, ce, logits, pred = batch_losses(model, TrainConfig(), blurry, sharp, label)
     loss.backward()
     assert np.isfinite(float(loss)) and logits.shape == (5, 5) and pred.shape == sharp.shape
+
+
+def test_expert_slices_train_like_one_hot_weights():
+    """A batch grouped by task through expert_slices: the same outputs and gradients as one-hot weights."""
+    from torch.nn.functional import one_hot
+
+    from demoe import DeMoE
+
+    torch.manual_seed(0)
+    model = DeMoE(3, 4, 1, [1, 1], [1, 1])
+    for p in model.parameters():  # fresh NAF blocks are the identity: give every expert a part to play
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.rand(6, 3, 16, 16)
+    label = torch.tensor([0, 0, 2, 2, 2, 4])
+    slices = [(0, 0, 2), (2, 2, 5), (4, 5, 6)]
+    outs, grads = [], []
+    for kw in ({"weights": one_hot(label, 5).float()}, {"weights": one_hot(label, 5).float(), "expert_slices": slices}):
+        model.zero_grad()
+        y = model(x, **kw)
+        y.square().mean().backward()
+        outs.append(y.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="cover rows"):
+        model(x, weights=one_hot(label, 5).float(), expert_slices=[(0, 0, 2), (2, 3, 6)])

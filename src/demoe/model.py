@@ -148,9 +148,12 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList(NAFBlock(c) for _ in range(num_exp))
 
-    def forward(self, x: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mix: torch.Tensor,
+                expert_slices: Sequence[tuple[int, int, int]] | None = None) -> torch.Tensor:
         # ``mix`` is the (N, num_exp) matrix of renormalised top-k weights,
         # zero where an expert was not chosen (see ``DeMoE.mixing_weights``).
+        if expert_slices is not None:  # rows [start, stop) go to one expert, whole: no weights to look up
+            return torch.cat([self.experts[e](x[start:stop]) for e, start, stop in expert_slices])
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             rows = torch.nonzero(mix[:, e] > 0).flatten()
@@ -348,6 +351,7 @@ class DeMoE(nn.Module):
         task: str | None = None,
         weights: torch.Tensor | None = None,
         return_logits: bool = False,
+        expert_slices: Sequence[tuple[int, int, int]] | None = None,
     ):
         """Restore a batch.
 
@@ -363,6 +367,11 @@ class DeMoE(nn.Module):
             estimated for a whole image and shared by all its tiles).
         return_logits : bool
             Also return the router's logits (for training).
+        expert_slices : sequence of (expert, start, stop), optional
+            For training on a batch grouped by task: rows ``start:stop`` go to
+            ``expert``, and the slices cover the batch in order. The same as
+            one-hot ``weights`` for those rows, without reading the weights back
+            from the device (which stops a GPU's queue at every MoE block).
         """
         self._check_input(x)
         forced = self.task_index(task)
@@ -384,12 +393,18 @@ class DeMoE(nn.Module):
             probs = logits.float().softmax(dim=1)
         mix = self.mixing_weights(probs)
 
+        if expert_slices is not None:
+            expert_slices = [(int(e), int(a), int(b)) for e, a, b in expert_slices]
+            covered = [i for _, a, b in expert_slices for i in range(a, b)]
+            if covered != list(range(x.shape[0])) or not all(0 <= e < self.num_exp for e, _, _ in expert_slices):
+                raise ValueError(f"expert_slices must cover rows 0..{x.shape[0] - 1} in order with experts "
+                                 f"0..{self.num_exp - 1}, got {expert_slices}")
         y = self.middle_blks(y)
-        y = self.experts[0](y, mix)
+        y = self.experts[0](y, mix, expert_slices)
         for i, (up, decoder) in enumerate(zip(self.ups, self.decoders)):
             y = up(y) + skips[-1 - i]
             y = decoder(y)
-            y = self.experts[i + 1](y, mix)
+            y = self.experts[i + 1](y, mix, expert_slices)
         out = (self.ending(y) + inp)[..., :h, :w]
         if return_logits:
             return out, logits

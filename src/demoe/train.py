@@ -188,18 +188,21 @@ def batch_psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (-10 * torch.log10(mse + 1e-10)).mean()
 
 
-def batch_losses(model: DeMoE, cfg: TrainConfig, blurry, sharp, label):
+def batch_losses(model: DeMoE, cfg: TrainConfig, blurry, sharp, label, expert_slices=None):
     """``(loss, cross-entropy, router logits, restored batch or None)`` for one batch.
 
     Each image is restored by its true task's expert; the router learns from
     its own cross-entropy. With ``router_only`` there is no decoder pass (the
     router reads the encoder's bottleneck) and the loss is the cross-entropy.
+    ``expert_slices`` (expert, start, stop) says where each task's rows are when
+    the batch is grouped by task, as the device stream's are.
     """
     if cfg.router_only:
         logits = model.route_logits(blurry)
         ce = F.cross_entropy(logits.float(), label)
         return ce, ce, logits, None
-    pred, logits = model(blurry, weights=F.one_hot(label, model.num_exp).float(), return_logits=True)
+    pred, logits = model(blurry, weights=F.one_hot(label, model.num_exp).float(), return_logits=True,
+                         expert_slices=expert_slices)
     ce = F.cross_entropy(logits.float(), label)
     pred = pred.float()
     rec = psnr_loss(pred, sharp) if cfg.loss == "psnr" else F.l1_loss(pred, sharp)
@@ -241,12 +244,13 @@ def build_data(cfg: TrainConfig):
     return stream, len(photos)
 
 
-def training_batches(cfg: TrainConfig, device: torch.device) -> tuple[Iterator, int]:
-    """An endless iterator of ``(blurry, sharp, label)`` batches on ``device``, and the number of photos.
+def training_batches(cfg: TrainConfig, device: torch.device) -> tuple[Iterator, int, list | None]:
+    """Endless ``(blurry, sharp, label)`` batches on ``device``, the number of photos, and the expert slices.
 
     With ``device_data`` the batches are made on the device itself
-    (:class:`demoe.batch_degrade.DeviceBatches`); otherwise DataLoader workers
-    run the numpy generators and the batches are copied over.
+    (:class:`demoe.batch_degrade.DeviceBatches`), grouped by task in the same
+    ``(expert, start, stop)`` slices every time; otherwise DataLoader workers run
+    the numpy generators, the batches are copied over, and the slices are None.
     """
     if cfg.device_data:
         from .batch_degrade import DeviceBatches
@@ -255,12 +259,12 @@ def training_batches(cfg: TrainConfig, device: torch.device) -> tuple[Iterator, 
         photos = load_photos(cfg.photos, cfg.max_side) if cfg.photos else []
         stream = DeviceBatches(photos, cfg.patch, cfg.batch, device=device, photo_fraction=cfg.photo_fraction,
                                seed=cfg.seed)
-        return iter(stream), stream.n_photos
+        return iter(stream), stream.n_photos, stream.slices
     dataset, n_photos = build_data(cfg)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
     moved = ((t.to(device, non_blocking=True) for t in batch) for batch in loader)
-    return (tuple(batch) for batch in moved), n_photos
+    return (tuple(batch) for batch in moved), n_photos, None
 
 
 def gpu_utilisation(device: torch.device) -> int | None:
@@ -381,7 +385,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     # A resumed run draws fresh (but still seeded) data: the seed includes the step.
     data_cfg = dataclasses.replace(cfg, seed=cfg.seed * 1_000_003 + step)
-    it, n_photos = training_batches(data_cfg, device)
+    it, n_photos, slices = training_batches(data_cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -442,7 +446,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             with autocast:
-                loss, ce, logits, pred = batch_losses(model, cfg, blurry, sharp, label)
+                loss, ce, logits, pred = batch_losses(model, cfg, blurry, sharp, label, slices)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
