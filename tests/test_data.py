@@ -104,6 +104,14 @@ def test_running_twice_gives_the_same_files(photos, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(first)
 
 
+def test_output_inside_the_sources_is_not_read_back(photos):
+    kw = dict(short_side=300, quality=94, min_size=64)  # small enough to take its own outputs again
+    first = prepare_photos([photos], photos / "small", **kw)
+    second = prepare_photos([photos], photos / "small", **kw)
+    assert [r.source for r in second] == [r.source for r in first] and all(r.source.parent == photos for r in second)
+    assert sorted(p.name for p in (photos / "small").iterdir()) == sorted(r.path.name for r in first)
+
+
 def test_inputs_untouched(photos, tmp_path):
     before = {p.name: p.read_bytes() for p in photos.iterdir()}
     prepare_photos([photos], tmp_path / "out", quality=90, dedupe=0.99, max_aspect=1.0)

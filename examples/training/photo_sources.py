@@ -260,6 +260,14 @@ def check(photos: Path, limit: float = 0.95) -> list[str]:
     return found
 
 
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"not a regular expression ({err}): {text}") from None
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,7 +275,8 @@ def main(argv=None) -> int:
         p = sub.add_parser(name)
         p.add_argument("photos" if name == "check" else "extracted", type=Path)
         if name == "list":
-            p.add_argument("--licences", default=None, help="regular expression: only files under a matching licence")
+            p.add_argument("--licences", type=_regex, default=None,
+                           help="regular expression: only files under a matching licence")
         if name == "manifest":
             p.add_argument("prepared", type=Path, help="the TSV written by python -m demoe.data --manifest")
             p.add_argument("photos", type=Path, help="the folder of prepared photographs")

@@ -321,8 +321,9 @@ def prepare_photos(sources: Sequence[str | Path], out: str | Path, *, short_side
 
     Every image is shrunk by at least ``min_downscale`` and to at most
     ``short_side`` on its short side, so JPEG artefacts and the camera's own
-    blur fall below a pixel. Images smaller than ``min_size`` afterwards and
-    paths matching the regular expression ``exclude`` are skipped.
+    blur fall below a pixel. Images smaller than ``min_size`` afterwards,
+    paths matching the regular expression ``exclude`` and files already in
+    ``out`` (when it lies inside a source folder) are skipped.
 
     Parameters
     ----------
@@ -357,7 +358,7 @@ def prepare_photos(sources: Sequence[str | Path], out: str | Path, *, short_side
         cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
     kept: dict[Path, tuple[Prepared, np.ndarray, int]] = {}  # written file -> (record, thumbnail, source pixels)
     for path in list_images(sources):
-        if rx and rx.search(str(path)):
+        if (rx and rx.search(str(path))) or out.resolve() in path.resolve().parents:  # not our own outputs
             continue
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:
