@@ -34,7 +34,12 @@ class CheckpointError(ValueError):
 
 # -- devices --------------------------------------------------------------------
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/"auto" -> cuda if available, else mps, else cpu."""
+    """``None``/"auto" -> cuda if available, else mps, else cpu.
+
+    A device this machine does not have (``"cuda"`` without CUDA, ``"cuda:3"``
+    with two GPUs, ``"mps"`` off a Mac, or any other kind) is a ``ValueError``
+    that names the devices available.
+    """
     if device is None or device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -42,10 +47,16 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         if mps is not None and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    here = f"available here: auto, {', '.join(available_devices())}"
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from err
+        raise ValueError(f"unknown device {device!r}; {here}") from err
+    cuda = dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
+    mps = getattr(torch.backends, "mps", None)
+    if dev.type == "cpu" or cuda or (dev.type == "mps" and mps is not None and mps.is_available()):
+        return dev
+    raise ValueError(f"device {str(device)!r} is not available on this machine; {here}")
 
 
 def available_devices() -> list[str]:
