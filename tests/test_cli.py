@@ -1003,3 +1003,19 @@ def test_zarr_is_installed_with_the_package_or_named_in_one_line(tmp_path, good_
     rc, text = _run(["deblur", str(tmp_path / "a.zarr"), str(good_png), "-o", str(tmp_path / "out"), "-q"], capsys)
     assert rc == 1 and "a.zarr: FAILED: reading zarr needs the zarr package: pip install zarr" in text
     assert "1 deblurred, 0 skipped, 1 failed" in text
+
+
+def test_info_on_a_malformed_training_record(tmp_path, tiny_model, capsys):
+    """A file's header may hold anything: `demoe info` shows what it can read, without a traceback."""
+    import json
+
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    for record in ("abc", {"init": "x"}, {"sessions": ["x", {"wall_time_s": "a", "start_step": 3}]},
+                   {"init": {"training": 5, "source": "a.pt"}, "photos": 3, "config": "x"}):
+        save_file(state, str(tmp_path / "m.safetensors"), metadata={"training": json.dumps(record)})
+        rc, text = _run(["info", str(tmp_path / "m.safetensors")], capsys)
+        assert rc == 0 and "config: {" in text, record
+    assert "training: steps 3-None on None, ? min" not in text  # the last record has no sessions
+    assert "then fine-tuned from a.pt:" in text and "data: 3 photographs + dead leaves" in text

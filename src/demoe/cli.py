@@ -394,18 +394,25 @@ def run_info(args: argparse.Namespace) -> int:
 
 def _stage_lines(record: dict) -> list[str]:
     """One stage of the weights' training record (a fine-tune names the file it started from)."""
-    lines = [f"then fine-tuned from {record['init'].get('source')}:"] if record.get("init") else []
-    for s in record.get("sessions", []):
+    # A record is a file's header: anything may be in it, and what is not as written here is left out.
+    init = record.get("init")
+    lines = [f"then fine-tuned from {init.get('source')}:"] if isinstance(init, dict) else []
+    sessions = record.get("sessions")
+    for s in sessions if isinstance(sessions, list) else []:
+        if not isinstance(s, dict):
+            continue
+        seconds = s.get("wall_time_s", 0)
+        minutes = f"{seconds / 60:.1f}" if isinstance(seconds, (int, float)) else "?"
         lines.append(f"training: steps {s.get('start_step')}-{s.get('end_step')} on {s.get('hardware')}, "
-                     f"{s.get('wall_time_s', 0) / 60:.1f} min, started {s.get('started')}")
+                     f"{minutes} min, started {s.get('started')}")
     if "data" in record:
         lines.append(f"data: {record['data']}")
     elif "photos" in record:
-        pairs = (record.get("config") or {}).get("pairs") or []
-        psfs = (record.get("config") or {}).get("psf") or []
+        config = record.get("config") if isinstance(record.get("config"), dict) else {}
+        pairs, psfs = config.get("pairs") or [], config.get("psf") or []
         lines.append(f"data: {record['photos']} photographs + dead leaves"
-                     + (f" + real pairs {', '.join(pairs)}" if pairs else "")
-                     + (f" + your PSFs {', '.join(psfs)}" if psfs else ""))
+                     + (f" + real pairs {', '.join(map(str, pairs))}" if isinstance(pairs, list) and pairs else "")
+                     + (f" + your PSFs {', '.join(map(str, psfs))}" if isinstance(psfs, list) and psfs else ""))
     return lines
 
 
