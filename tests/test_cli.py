@@ -1019,3 +1019,26 @@ def test_info_on_a_malformed_training_record(tmp_path, tiny_model, capsys):
         assert rc == 0 and "config: {" in text, record
     assert "training: steps 3-None on None, ? min" not in text  # the last record has no sessions
     assert "then fine-tuned from a.pt:" in text and "data: 3 photographs + dead leaves" in text
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--tile-size", "0"], "argument --tile-size: must be positive, got 0"),
+    (["--tile-size", "inf"], "argument --tile-size: not a whole number: 'inf'"),
+    (["--overlap", "-1"], "argument --overlap: must be >= 0, got -1"),
+    (["--max-pixels", "0"], "argument --max-pixels: must be positive, got 0"),
+])
+def test_bad_numbers_are_usage_errors(tmp_path, good_png, capsys, options, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["deblur", str(good_png), "-o", str(tmp_path / "out"), *options])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--tile-size", "2"], "demoe: --tile-size must be at least 4 (the model's size divisor), got 2"),
+    (["--tile-size", "32", "--overlap", "16"], "demoe: --overlap (16) must be less than half of --tile-size (32)"),
+])
+def test_tile_options_every_file_would_fail_on_are_one_line(tmp_path, good_png, identity_model, monkeypatch, capsys,
+                                                            options, message):
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    rc, text = _run(["deblur", str(good_png), "-o", str(tmp_path / "out"), "-q", *options], capsys)
+    assert rc == 2 and text.strip() == message

@@ -227,8 +227,6 @@ def run_deblur(args: argparse.Namespace) -> int:
 
     if _suffix_error(args.suffix):
         return fail(_suffix_error(args.suffix))
-    if args.max_pixels is not None and args.max_pixels < 1:
-        return fail(f"--max-pixels must be a positive number of pixels, got {args.max_pixels}")
     try:
         max_pixels()  # DEMOE_MAX_PIXELS, if set, is a number
     except ValueError as err:
@@ -259,6 +257,10 @@ def run_deblur(args: argparse.Namespace) -> int:
         model = load_model(args.model, device=args.device)
     except (FileNotFoundError, CheckpointError, ValueError) as err:
         return fail(str(err))
+    if args.tile_size is not None and args.tile_size < model.padder_size:  # else every file fails alike
+        return fail(f"--tile-size must be at least {model.padder_size} (the model's size divisor), got {args.tile_size}")
+    if args.overlap is not None and args.tile_size is not None and 2 * args.overlap >= args.tile_size:
+        return fail(f"--overlap ({args.overlap}) must be less than half of --tile-size ({args.tile_size})")
     kwargs = dict(task=None if args.task == "auto" else args.task, model=model, device=args.device,
                   tile_size=args.tile_size, overlap=args.overlap, ensemble=args.ensemble, routing=args.routing,
                   preserve_mean=True if args.preserve_mean else None, nan_policy=args.nan_policy)
@@ -417,6 +419,20 @@ def _stage_lines(record: dict) -> list[str]:
 
 
 # -- entry point -------------------------------------------------------------------------------
+def _count_arg(least: int):
+    """An argparse type: a whole number >= ``least`` (argparse then gives its one-line usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {'positive' if least == 1 else f'>= {least}'}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="demoe", description="All-in-one image deblurring with DeMoE.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -438,15 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NaN/Inf pixels in float images: restore around them and keep them as they are (default), "
                         "or fail that image")
     d.add_argument("--model", metavar="PATH", help="checkpoint file or training run folder (default: the packaged model)")
-    d.add_argument("--tile-size", type=int, metavar="N", help="tile size in pixels (default: by device)")
-    d.add_argument("--overlap", type=int, metavar="N", help="tile overlap in pixels (default: tile/8)")
+    d.add_argument("--tile-size", type=_count_arg(1), metavar="N", help="tile size in pixels (default: by device)")
+    d.add_argument("--overlap", type=_count_arg(0), metavar="N", help="tile overlap in pixels (default: tile/8)")
     d.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     d.add_argument("--ensemble", type=int, default=1, choices=ENSEMBLES, metavar="N",
                    help=f"average each tile restored in N orientations: {', '.join(map(str, ENSEMBLES))} "
                         "(N times slower; default 1)")
     d.add_argument("--suffix", default="_deblurred", help="added to output names, no path separators "
                    "(default: _deblurred)")
-    d.add_argument("--max-pixels", type=int, metavar="N",
+    d.add_argument("--max-pixels", type=_count_arg(1), metavar="N",
                    help="largest image read into memory, in pixels per plane (default: 16384 x 16384, or "
                         "$DEMOE_MAX_PIXELS); larger files are refused before decoding. Zarr is read by chunks")
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs")
