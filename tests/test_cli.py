@@ -1042,3 +1042,21 @@ def test_tile_options_every_file_would_fail_on_are_one_line(tmp_path, good_png, 
     monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
     rc, text = _run(["deblur", str(good_png), "-o", str(tmp_path / "out"), "-q", *options], capsys)
     assert rc == 2 and text.strip() == message
+
+
+def test_training_photos_with_names_that_are_not_utf8(tmp_path):
+    """The trainer's readers hand OpenCV bytes too (its imread crashed on such names)."""
+    import os
+    import subprocess
+
+    if sys.platform == "darwin":
+        pytest.skip("macOS file systems refuse names that are not UTF-8")
+    odd = tmp_path / os.fsdecode(b"ph\xf6to.png")
+    odd.write_bytes(cv2.imencode(".png", np.random.default_rng(4).integers(0, 256, (300, 400, 3), np.uint8))[1])
+    script = ("import sys; from demoe.data import read_rgb, prepare_photos; "
+              "print(read_rgb(sys.argv[1]).shape, len(prepare_photos([sys.argv[2]], sys.argv[3], min_size=100)))")
+    run = subprocess.run([sys.executable, "-c", script, str(odd), str(tmp_path), str(tmp_path / "small")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["(300,", "400,", "3)", "1"]
+    assert len(list((tmp_path / "small").glob("*.png"))) == 1

@@ -46,9 +46,9 @@ def list_images(folders: Sequence[str | Path], recursive: bool = True) -> list[P
 
 def read_rgb(path: str | Path) -> np.ndarray:
     """Read an image as float32 RGB in [0, 1] (8- or 16-bit; gray replicated)."""
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ValueError(f"cannot read image {path}")
+    from .files import decode_opencv
+
+    img = decode_opencv(path)[0]  # ValueError if it cannot be read; OpenCV never sees the file name
     scale = 65535.0 if img.dtype == np.uint16 else 255.0
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
@@ -283,13 +283,16 @@ def prepare_photos(sources: Sequence[str | Path], out: str | Path, *, short_side
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    from .files import decode_opencv
+
     rx = re.compile(exclude) if exclude else None
     written = []
     for path in list_images(sources):
         if rx and rx.search(str(path)):
             continue
-        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if img is None:
+        try:
+            img = decode_opencv(path, cv2.IMREAD_COLOR)[0]
+        except ValueError:
             continue
         f = min(1 / min_downscale, short_side / min(img.shape[:2]))
         small = cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
@@ -297,7 +300,7 @@ def prepare_photos(sources: Sequence[str | Path], out: str | Path, *, short_side
             continue
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(path.parts[-4:]))
         dest = out / (Path(name).stem + ".png")
-        cv2.imwrite(str(dest), small)
+        dest.write_bytes(cv2.imencode(".png", small)[1].tobytes())
         written.append(dest)
     return written
 

@@ -110,9 +110,16 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> Image:
     raise ValueError(f"unsupported file type {suffix or '(none)'}; accepted: {', '.join(sorted(SUFFIXES))}, .zarr")
 
 
-def _read_opencv(path: Path, limit: int | None) -> Image:
+def decode_opencv(path: str | Path, flags: int | None = None, limit: int | None = None) -> tuple[np.ndarray, Any]:
+    """``(pixels, Pillow's header parse or None)`` of a PNG/JPEG/BMP/WebP file, as ``cv2.imread`` would give.
+
+    The file is read as bytes and decoded from memory (OpenCV crashed on file names
+    that are not UTF-8), after its header's size is checked (:func:`check_size`).
+    ValueError if it cannot be read or decoded.
+    """
     import cv2
 
+    path = Path(path)
     try:
         raw = path.read_bytes()  # decoded from memory: OpenCV never sees the file name
     except OSError as err:
@@ -121,13 +128,19 @@ def _read_opencv(path: Path, limit: int | None) -> Image:
     if header is not None:
         check_size(path.name, header.size[1], header.size[0], limit)
     try:
-        data = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED) if raw else None
+        flags = cv2.IMREAD_UNCHANGED if flags is None else flags
+        data = cv2.imdecode(np.frombuffer(raw, np.uint8), flags) if raw else None
     except cv2.error as err:  # e.g. over OpenCV's own limit (CV_IO_MAX_IMAGE_PIXELS, 2**30 pixels)
         raise ValueError(f"cannot decode {path.name}: OpenCV: {str(err).strip().splitlines()[-1]}") from None
     if data is None:
         if raw[:2] == b"\xff\xd8" and raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda"):  # no end after the last scan
             raise ValueError(f"cannot decode {path.name}: the file is truncated (its JPEG data ends early)")
         raise ValueError(f"cannot decode {path.name} (corrupt or not a {path.suffix[1:].upper()} image)")
+    return data, header
+
+
+def _read_opencv(path: Path, limit: int | None) -> Image:
+    data, header = decode_opencv(path, limit=limit)
     color = data.ndim == 3 and data.shape[2] in (3, 4)
     return Image(data, 2 if color else None, bgr=color, photo=_photo_metadata(path, header))
 
