@@ -187,9 +187,12 @@ def plan_outputs(items: list[tuple[Path, Path]], outdir: Path | None, suffix: st
     """``(input, output)`` pairs; ValueError (naming the files) if an output would be an input, or if two
     inputs would be written to one output."""
     inputs = {_key(src): src for src, _ in items}
-    plan, first = [], {}
+    plan, first, taken = [], {}, set()
     collisions = []
     for src, rel in items:
+        if _key(src) in taken:  # the same file named twice: once is enough
+            continue
+        taken.add(_key(src))
         dest = output_path(src, rel, outdir, suffix)
         key = _key(dest)
         if key in inputs:
@@ -245,13 +248,8 @@ def run_deblur(args: argparse.Namespace) -> int:
         plan = plan_outputs(items, outdir, args.suffix)
     except ValueError as err:
         return fail(str(err))
-    if outdir is not None:
-        if outdir.exists() and not outdir.is_dir():
-            return fail(f"--output {outdir} is a file; give a folder (it is created if missing)")
-        try:
-            outdir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            return fail(f"cannot create the output folder {outdir}: {err.strerror or err}")
+    if outdir is not None and outdir.exists() and not outdir.is_dir():
+        return fail(f"--output {outdir} is a file; give a folder (it is created if missing)")
 
     try:
         model = load_model(args.model, device=args.device)
@@ -261,6 +259,11 @@ def run_deblur(args: argparse.Namespace) -> int:
         return fail(f"--tile-size must be at least {model.padder_size} (the model's size divisor), got {args.tile_size}")
     if args.overlap is not None and args.tile_size is not None and 2 * args.overlap >= args.tile_size:
         return fail(f"--overlap ({args.overlap}) must be less than half of --tile-size ({args.tile_size})")
+    if outdir is not None:
+        try:
+            outdir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            return fail(f"cannot create the output folder {outdir}: {err.strerror or err}")
     kwargs = dict(task=None if args.task == "auto" else args.task, model=model, device=args.device,
                   tile_size=args.tile_size, overlap=args.overlap, ensemble=args.ensemble, routing=args.routing,
                   preserve_mean=True if args.preserve_mean else None, nan_policy=args.nan_policy)
