@@ -154,6 +154,21 @@ def test_ensemble_averages_the_restored_flips_and_transposes(tiny_model):
         (np.zeros((4, 4)), {"ensemble": 4.0}, ValueError, "ensemble must be one of 1, 2, 4, 8"),
         (np.zeros((4, 4)), {"preserve_mean": "yes"}, ValueError, "preserve_mean must be True, False or None"),
         (da.zeros((4, 4), chunks=2), {"preserve_mean": True}, ValueError, r"needs each whole plane.*np.asarray"),
+        # Careless values: each names the parameter and what it takes.
+        (np.zeros((4, 4)), {"tile_size": float("inf")}, ValueError, r"tile_size must be an integer >= 4 .*got inf"),
+        (np.zeros((4, 4)), {"tile_size": float("nan")}, ValueError, r"tile_size must be an integer >= 4 .*got nan"),
+        (np.zeros((4, 4)), {"overlap": float("nan")}, ValueError, "overlap must be a non-negative integer, got nan"),
+        (np.zeros((4, 4)), {"batch_size": float("inf")}, ValueError, "batch_size must be a positive integer, got inf"),
+        (np.zeros((4, 4)), {"streams": float("nan")}, ValueError, "streams must be a positive integer, got nan"),
+        (np.zeros((4, 4)), {"tile_size": True}, ValueError, "tile_size must be an integer >= 4 .*got True"),
+        (np.zeros((3, 4, 4)), {"channel_axis": True}, ValueError, "channel_axis must be an axis number, None or 'auto', "
+                                                                  "got True"),
+        (np.zeros((4, 4)), {"normalize": (np.nan, 1)}, ValueError, r"needs finite numbers with low < high, got \(nan"),
+        (np.zeros((4, 4)), {"normalize": (1, 0)}, ValueError, r"needs finite numbers with low < high, got \(1, 0\)"),
+        (np.zeros((4, 4)), {"normalize": (0, 1, 2)}, ValueError, r"takes two numbers, got \(0, 1, 2\)"),
+        (np.zeros((4, 4)), {"normalize": ("a", "b")}, ValueError, r"takes two numbers, got \('a', 'b'\)"),
+        (da.zeros((4, 8, 8), chunks=(1, 8, 8))[da.arange(4) > 1], {}, ValueError,
+         r"dask array of unknown shape \(nan, 8, 8\).*compute_chunk_sizes\(\)"),
     ],
 )
 def test_bad_input_clear_errors(identity_model, image, kwargs, err, match):
@@ -551,7 +566,7 @@ def test_local_converter_is_per_call_under_concurrency(tiny_model):
 
 
 def test_tile_defaults_follow_device_and_training_patch(identity_model):
-    img = np.zeros((40, 40), np.float32)
+    img = np.zeros((400, 40), np.float32)  # long enough for a 384 px tile (see the clamping test)
     _, info = deblur(img, model=identity_model, device="cpu", return_info=True)
     assert (info["tile_size"], info["overlap"], info["batch_size"]) == (256, 32, 1)
     identity_model.metadata = {"patch_size": 256}  # trained on the CPU's tile size: tiles stay 256
@@ -584,3 +599,63 @@ def test_reduced_precision_stays_close(default_model, blurred_photo):
     assert info["precision"] == "bf16"
     diff = np.abs(low.astype(int) - ref.astype(int))
     assert 0 < diff.max() <= 8 and diff.mean() < 1.0  # really bf16, and still the same picture
+
+
+# -- extreme values and sizes ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint64])
+def test_integers_near_their_maximum_stay_in_range(identity_model, dtype):
+    """The clip limit, as a float, rounded up past the maximum and wrapped bright pixels to the minimum."""
+    info = np.iinfo(dtype)
+    img = np.zeros((24, 32), dtype)
+    img[:, 16:] = info.max  # a bright half: the identity network gives it back
+    img[:, 16:20] -= np.array(range(4), dtype=dtype)
+    out = deblur(img, model=identity_model, device="cpu", task="defocus")
+    assert out.dtype == dtype
+    assert out[:, 16:].min() > info.max // 2 and out[:, :16].max() < info.max // 1000
+    # Within float precision of the range (the top pixels lose a few units to the float limit, and
+    # the mean is kept by a shift of the same size).
+    np.testing.assert_allclose(out.astype(np.float64), img.astype(np.float64), rtol=0, atol=info.max * 1e-6)
+
+
+def test_float64_beyond_float32_is_restored_or_refused(identity_model):
+    rng = np.random.default_rng(0)
+    img = (rng.random((24, 32)) + 1) * 1e39  # all above float32's 3.4e38: scaled in float64
+    out = deblur(img, model=identity_model, device="cpu", task="defocus")
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, img, rtol=1e-6)
+    spike = rng.random((64, 64))
+    spike[3, 4] = 1e300  # one pixel 1e300 intensity ranges away: float32 overflow, NaN everywhere
+    with pytest.raises(ValueError, match="too far for the network's float32 arithmetic; clip them first"):
+        deblur(spike, model=identity_model, device="cpu", task="defocus")
+    with pytest.raises(ValueError, match="too near float64's limit"):
+        deblur(np.full((8, 8), 1e307) * np.arange(1, 9), model=identity_model, device="cpu", task="defocus")
+
+
+def test_tiles_larger_than_the_image_are_clamped(identity_model):
+    """tile_size=200000 on 64 x 64 took 23 GB: a tile beyond the image and its overlap is cut to it."""
+    img = np.random.default_rng(1).random((64, 48)).astype(np.float32)
+    _, default = deblur(img, model=identity_model, device="cpu", task="defocus", return_info=True)
+    for kwargs in ({"tile_size": 2048}, {"tile_size": 10**9}, {"tile_size": 2048, "overlap": 500}):
+        out, info = deblur(img, model=identity_model, device="cpu", task="defocus", return_info=True, **kwargs)
+        assert info["tile_shape"][0] <= default["tile_shape"][0] + 2 * 64, (kwargs, info["tile_shape"])
+        np.testing.assert_allclose(out, img, atol=1e-6)
+    _, big = deblur(img, model=identity_model, device="cpu", task="defocus", tile_size=2048, return_info=True)
+    assert (big["tile_size"], big["overlap"], big["tile_shape"]) == (256, 32, default["tile_shape"])
+    identity_model.metadata = {"patch_size": 100000}  # a checkpoint's training patch, taken as the default tile
+    _, patch = deblur(img, model=identity_model, device="cpu", task="defocus", return_info=True)
+    assert (patch["tile_size"], patch["tile_shape"]) == (256, default["tile_shape"])
+    # Images as large as the tile keep it: 16384 is still asked of a side of 20000.
+    from demoe import tiling
+
+    assert tiling.fit_tile(16384, 2048, 20000, 16) == 16384
+    assert tiling.fit_tile(16384, 2048, 5000, 16) == 9104  # the side and two overlaps, rounded to 16
+    assert tiling.fit_tile(200000, 25000, 64, 16, least=256) == 256
+
+
+def test_dask_nan_count_is_the_images_own(identity_model):
+    img = np.random.default_rng(2).random((32, 48)).astype(np.float32)
+    img[5, 40] = np.nan  # one NaN; chunks borrow their neighbours' pixels, which counted it several times
+    lazy = deblur(da.from_array(img, chunks=16), model=identity_model, device="cpu", task="defocus")
+    with pytest.raises(ValueError, match=r"image contains 1 NaN or infinite value\(s\) in its chunk at rows 0-15, "
+                                         r"columns 32-47 \(lazy input is checked chunk by chunk"):
+        lazy.compute()

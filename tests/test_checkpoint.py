@@ -153,3 +153,75 @@ def test_default_device_is_cpu_here(tiny_model, tmp_path):
     model = load_model(tmp_path / "m.pt")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert next(model.parameters()).device.type in (expected, "mps")
+
+
+# -- hostile checkpoints: refused before anything is allocated -------------------------------
+@pytest.fixture
+def real_builds(monkeypatch):
+    """Records every DeMoE built off the ``meta`` device; one beyond the bounds stops the test at once."""
+    import demoe.checkpoint as ckpt
+
+    built = []
+
+    class Spy(DeMoE):
+        def __init__(self, **config):
+            meta = torch.empty(0).device.type == "meta"
+            if not meta:
+                built.append(config)
+                blocks = [config["middle_blk_num"], *config["enc_blk_nums"], *config["dec_blk_nums"]]
+                if config["width"] > 1024 or max(blocks) > 256:
+                    raise AssertionError(f"allocating a model of {config}")
+            super().__init__(**config)
+
+    monkeypatch.setattr(ckpt, "DeMoE", Spy)
+    return built
+
+
+def _hostile(tiny_model, change):
+    state = dict(tiny_model.state_dict())
+    change(state)
+    return state
+
+
+@pytest.mark.parametrize("change, message", [
+    # A stride-0 view: a few bytes in the file, a width of 8192 once built (over 7 GB).
+    (lambda s: s.__setitem__("intro.weight", torch.zeros(1, 1, 1, 1).expand(8192, 3, 3, 3)),
+     r"width 8192 \(at most 1024\)"),
+    (lambda s: s.__setitem__("encoders.0.modules_list.999999.beta", torch.zeros(1, 4, 1, 1)),
+     r"the indices N of encoders\.0\.modules_list\.N\. do not run 0, 1, 2, \.\.\. \(found 2 up to 999999"),
+    (lambda s: s.__setitem__("ending.weight", torch.zeros(3, 4, 5, 5)),
+     r"mis-shaped \(1\): ending\.weight: file \(3, 4, 5, 5\), model \(3, 4, 3, 3\)"),
+    (lambda s: s.__setitem__("ending.weight", torch.zeros(1).expand(3, 4, 3, 3)),
+     r"parameter ending\.weight of shape \(3, 4, 3, 3\) does not hold its values \(4 bytes stored for 108"),
+])
+def test_architecture_is_checked_before_the_model_is_built(tmp_path, tiny_model, real_builds, change, message):
+    path = tmp_path / "hostile.pt"
+    torch.save(_hostile(tiny_model, change), path)
+    assert path.stat().st_size < 400_000
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_model(path, device="cpu")
+    assert str(err.value).startswith(str(path))
+    assert real_builds == []  # nothing was allocated
+
+
+def test_parameter_count_is_bounded(tmp_path, tiny_model, real_builds, monkeypatch):
+    torch.save(tiny_model.state_dict(), tmp_path / "m.pt")
+    monkeypatch.setattr("demoe.checkpoint.MAX_PARAMETERS", 1000)
+    with pytest.raises(CheckpointError, match=r"61,057 parameters \(at most 1,000\)"):
+        load_model(tmp_path / "m.pt", device="cpu")
+    assert real_builds == []
+
+
+@pytest.mark.parametrize("field, value", [("top_k", "abc"), ("patch_size", "abc"), ("patch_size", -256),
+                                          ("top_k", True), ("patch_size", 1.5)])
+def test_metadata_fields_are_checked_by_name(tmp_path, tiny_model, field, value):
+    import json
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    header = {field: value if isinstance(value, str) else json.dumps(value)}
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(path), metadata=header)
+    with pytest.raises(CheckpointError, match=f"metadata field '{field}' must be a positive whole number, "
+                                              f"got {value!r}"):
+        load_model(path, device="cpu")

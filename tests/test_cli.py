@@ -669,3 +669,398 @@ def test_train_config_file_with_unknown_option(tmp_path, capsys):
     cfg.write_text("width = 8\nlearning_rate = 0.1\n")
     assert cli.main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     assert "unknown options ['learning_rate']" in capsys.readouterr().err
+
+
+# -- hostile and careless input: one clear line, the batch goes on -----------------------------
+def _png_header(width, height, bit_depth=8):
+    """A PNG whose header claims ``width`` x ``height``; its data holds a few bytes only."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+def _jpeg_claiming(width, height):
+    """A small real JPEG whose frame header is rewritten to claim ``width`` x ``height``."""
+    import struct
+
+    raw = bytearray(cv2.imencode(".jpg", np.zeros((8, 8), np.uint8))[1].tobytes())
+    sof = raw.index(b"\xff\xc0")
+    raw[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(raw)
+
+
+def _bmp_claiming(width, height):
+    import struct
+
+    raw = bytearray(cv2.imencode(".bmp", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    raw[18:26] = struct.pack("<ii", width, height)
+    return bytes(raw)
+
+
+def _valid_1bit_png(side):
+    """A valid 1-bit black PNG of ``side`` x ``side`` (20000: 48 KB on disk, 400 M pixels decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer, row = zlib.compressobj(9), b"\0" * (1 + -(-side // 8))
+    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def _tiff_claiming(path, width, height):
+    tifffile.imwrite(path, np.zeros((8, 8), np.uint8), compression="zlib")
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tif.pages[0].tags["ImageWidth"].overwrite(width)
+        tif.pages[0].tags["ImageLength"].overwrite(height)
+
+
+@pytest.fixture
+def good_png(tmp_path):
+    path = tmp_path / "in" / "zz_good.png"
+    path.parent.mkdir(exist_ok=True)
+    cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 256, (20, 24), dtype=np.uint8))
+    return path
+
+
+def _run(argv, capsys):
+    rc = cli.main(argv)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "Traceback" not in text
+    return rc, text
+
+
+def test_huge_headers_are_refused_before_decoding_and_the_batch_goes_on(tmp_path, good_png, identity_model,
+                                                                        monkeypatch, capsys):
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    src = good_png.parent
+    (src / "claims.png").write_bytes(_png_header(60000, 60000))
+    (src / "claims.jpg").write_bytes(_jpeg_claiming(60000, 60000))
+    (src / "claims.bmp").write_bytes(_bmp_claiming(60000, 60000))
+    (src / "bomb.png").write_bytes(_valid_1bit_png(20000))
+    _tiff_claiming(src / "claims.tif", 60000, 60000)
+    with open(src / "claims.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (60000, 60000)})
+        f.write(b"\0" * 64)
+    rc, text = _run(["deblur", str(src), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert rc == 1 and "1 deblurred, 0 skipped, 6 failed" in text
+    for name in ("claims.png", "claims.jpg", "claims.bmp", "claims.tif", "claims.npy"):
+        assert re.search(rf"{re.escape(name)}: FAILED: {re.escape(name)} is 60000 x 60000 pixels \(3,600,000,000\), "
+                         r"over the limit of 268,435,456 pixels per image; raise it with --max-pixels", text), name
+    assert "bomb.png: FAILED: bomb.png is 20000 x 20000 pixels (400,000,000), over the limit" in text
+    assert (tmp_path / "out" / "zz_good_deblurred.png").is_file()
+
+
+def test_fits_header_claiming_a_huge_image_is_refused(tmp_path, good_png, identity_model, monkeypatch, capsys):
+    fits = pytest.importorskip("astropy.io.fits")
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    header = fits.Header([("SIMPLE", True), ("BITPIX", -32), ("NAXIS", 2), ("NAXIS1", 60000), ("NAXIS2", 60000)])
+    (tmp_path / "claims.fits").write_bytes(header.tostring().encode() + b"\0" * 2880)
+    rc, text = _run(["deblur", str(tmp_path / "claims.fits"), str(good_png), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert rc == 1 and "claims.fits: FAILED: claims.fits is 60000 x 60000 pixels" in text
+    assert "1 deblurred, 0 skipped, 1 failed" in text
+
+
+def test_the_pixel_limit_is_an_option_and_an_environment_variable(tmp_path, good_png, identity_model, monkeypatch,
+                                                                  capsys):
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    out = ["-o", str(tmp_path / "out"), "-q", "--overwrite"]
+    rc, text = _run(["deblur", str(good_png), "--max-pixels", "400", *out], capsys)
+    assert rc == 1 and "is 24 x 20 pixels (480), over the limit of 400 pixels per image" in text
+    assert _run(["deblur", str(good_png), "--max-pixels", "480", *out], capsys)[0] == 0
+    monkeypatch.setenv("DEMOE_MAX_PIXELS", "479")
+    rc, text = _run(["deblur", str(good_png), *out], capsys)
+    assert rc == 1 and "over the limit of 479 pixels" in text
+    assert _run(["deblur", str(good_png), "--max-pixels", "480", *out], capsys)[0] == 0  # the option wins
+    monkeypatch.setenv("DEMOE_MAX_PIXELS", "lots")
+    rc, text = _run(["deblur", str(good_png), *out], capsys)
+    assert rc == 2 and "DEMOE_MAX_PIXELS must be a positive whole number of pixels, got 'lots'" in text
+
+
+def test_file_names_that_are_not_utf8(tmp_path, tiny_model):
+    """OpenCV is never handed such a path (it crashed with a segmentation fault): the files are read, restored, named."""
+    import os
+    import subprocess
+
+    from demoe import save_model
+
+    if sys.platform == "darwin":
+        pytest.skip("macOS file systems refuse names that are not UTF-8")
+    model = save_model(tiny_model, tmp_path / "tiny.safetensors")
+    src = tmp_path / "in"
+    src.mkdir()
+    odd = os.fsdecode(b"caf\xe9")
+    for ext in (".png", ".jpg"):
+        ok, data = cv2.imencode(ext, np.random.default_rng(1).integers(0, 256, (24, 20, 3), dtype=np.uint8))
+        (src / (odd + ext)).write_bytes(data.tobytes())
+    run = subprocess.run([sys.executable, "-m", "demoe", "deblur", str(src), "-o", str(tmp_path / "out"), "-q",
+                          "--model", str(model), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "2 deblurred, 0 skipped, 0 failed" in run.stderr
+    assert "caf\\udce9.png" in run.stdout  # the name shown escaped
+    for ext in (".png", ".jpg"):
+        assert cv2.imdecode(np.frombuffer((tmp_path / "out" / (odd + "_deblurred" + ext)).read_bytes(), np.uint8),
+                            cv2.IMREAD_UNCHANGED).shape == (24, 20, 3)
+
+
+def test_output_name_too_long_fails_that_file_only(tmp_path, good_png, identity_model, monkeypatch, capsys):
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    long = good_png.with_name("a" * 250 + ".png")  # 250 + "_deblurred.png": over the usual 255 bytes
+    long.write_bytes(good_png.read_bytes())
+    (tmp_path / "out").mkdir()  # an existing folder: the name itself is refused (not a missing folder first)
+    rc, text = _run(["deblur", str(long), str(good_png), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert rc == 1 and re.search(r"a{250}\.png: FAILED: \[Errno 36\] File name too long", text)
+    assert "1 deblurred, 0 skipped, 1 failed" in text and (tmp_path / "out" / "zz_good_deblurred.png").is_file()
+
+
+def test_output_folder_that_is_a_file_or_cannot_be_made(tmp_path, good_png, identity_model, monkeypatch, capsys):
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("not a folder")
+    rc, text = _run(["deblur", str(good_png), "-o", str(a_file), "-q"], capsys)
+    assert rc == 2 and text.strip() == f"demoe: --output {a_file} is a file; give a folder (it is created if missing)"
+    rc, text = _run(["deblur", str(good_png), "-o", str(a_file / "sub"), "-q"], capsys)
+    assert rc == 2 and text.startswith(f"demoe: cannot create the output folder {a_file / 'sub'}: ")
+    assert len(text.strip().splitlines()) == 1 and a_file.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--model", "no/such.pt"], "demoe: checkpoint not found: no/such.pt"),
+    (["--device", "tpu"], "demoe: unknown device 'tpu'; available here: auto, "),
+    (["--device", "cuda:7"], "is not available on this machine; available here: auto, "),
+    (["--device", "mps"], "is not available on this machine; available here: auto, "),
+])
+def test_model_and_device_errors_are_one_line(tmp_path, good_png, capsys, options, message):
+    import torch
+
+    if options[-1] == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    rc, text = _run(["deblur", str(good_png), "-o", str(tmp_path / "out"), "-q", *options], capsys)
+    assert rc == 2 and message in text and len(text.strip().splitlines()) == 1, text
+    assert not (tmp_path / "out").exists()
+
+
+def test_refused_checkpoint_is_one_line(tmp_path, good_png, capsys):
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    torch.save({"params": Evil()}, tmp_path / "evil.pt")
+    rc, text = _run(["deblur", str(good_png), "-o", str(tmp_path / "out"), "-q", "--model",
+                     str(tmp_path / "evil.pt")], capsys)
+    assert rc == 2 and "it holds objects that loading would have to execute, so it was refused" in text
+    assert "pickled code ran" not in text and len(text.strip().splitlines()) == 1
+
+
+def test_cuda_without_cuda_is_one_line(tmp_path, good_png, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc, text = _run(["deblur", str(good_png), "-o", str(tmp_path / "out"), "-q", "--device", "cuda"], capsys)
+    assert rc == 2 and text.strip().startswith("demoe: device 'cuda' is not available on this machine; available "
+                                               "here: auto, ") and text.strip().endswith("cpu")
+    assert cli.main(["train", "--steps", "1", "--out", str(tmp_path / "run"), "--device", "cuda"]) == 2
+    assert "demoe train: error: device 'cuda' is not available" in capsys.readouterr().err
+
+
+def test_two_inputs_with_one_output_name_are_refused(tmp_path, identity_model, monkeypatch, capsys):
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    for folder in ("d1", "d2"):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / "a.png"), np.full((16, 16), 50 if folder == "d1" else 200, np.uint8))
+    for extra in ([], ["--overwrite"]):
+        rc, text = _run(["deblur", str(tmp_path / "d1" / "a.png"), str(tmp_path / "d2" / "a.png"), "-o",
+                         str(tmp_path / "out"), "-q", *extra], capsys)
+        assert rc == 2, text
+        assert (f"demoe: 1 output name(s) would be written twice: {tmp_path / 'd1' / 'a.png'} and "
+                f"{tmp_path / 'd2' / 'a.png'} -> {tmp_path / 'out' / 'a_deblurred.png'}") in text
+        assert not (tmp_path / "out" / "a_deblurred.png").exists()
+    # Their common parent with --recursive keeps them apart.
+    rc, text = _run(["deblur", str(tmp_path), "-r", "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert rc == 0 and "2 deblurred" in text
+    assert cv2.imread(str(tmp_path / "out" / "d2" / "a_deblurred.png"), cv2.IMREAD_UNCHANGED)[0, 0] == 200
+    # The same file named twice is deblurred once.
+    rc, text = _run(["deblur", str(tmp_path / "d1" / "a.png"), str(tmp_path / "d1" / "a.png"), "-o",
+                     str(tmp_path / "once"), "-q"], capsys)
+    assert rc == 0 and "1 deblurred, 0 skipped, 0 failed" in text
+
+
+def test_suffix_with_a_path_separator_is_refused(tmp_path, good_png, identity_model, monkeypatch, capsys):
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    rc, text = _run(["deblur", str(good_png), "-o", str(tmp_path / "out" / "deep" / "er"), "-q",
+                     "--suffix", "/../../../escaped"], capsys)
+    assert rc == 2 and "--suffix '/../../../escaped' may not contain a path separator (/)" in text
+    assert not list(tmp_path.rglob("*escaped*"))
+
+
+def _dead_pid():
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_leftovers_of_a_killed_run_are_removed(tmp_path, good_png, identity_model, monkeypatch, capsys):
+    """A run killed during a write leaves its hidden temporary; the next run removes it (not a live run's)."""
+    import os
+    import subprocess
+
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = out / f".zz_good_deblurred.partial-{_dead_pid()}.png"
+    dead.write_bytes(b"half an image")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = out / f".zz_good_deblurred.partial-{alive.pid}.png"
+        running.write_bytes(b"being written")
+        rc, text = _run(["deblur", str(good_png), "-o", str(out), "-q"], capsys)
+        assert rc == 0 and not dead.exists() and running.exists()
+    finally:
+        alive.kill()
+        alive.wait()
+    assert sorted(p.name for p in out.iterdir()) == sorted([running.name, "zz_good_deblurred.png"])
+    os.remove(running)
+
+
+def test_concurrent_runs_on_one_zarr_leave_a_valid_store(tmp_path, tiny_model, monkeypatch, capsys):
+    """A second run that writes the same store while the first is writing it: both exit 0, the store opens."""
+    import subprocess
+
+    zarr = pytest.importorskip("zarr")
+    da = pytest.importorskip("dask.array")
+    from demoe import deblur, save_model
+
+    model = save_model(tiny_model, tmp_path / "tiny.safetensors")
+    img = np.random.default_rng(3).random((40, 36)).astype(np.float32)
+    da.from_array(img, chunks=(20, 36)).to_zarr(str(tmp_path / "in.zarr"))
+    argv = ["deblur", str(tmp_path / "in.zarr"), "-o", str(tmp_path / "out"), "-q", "--model", str(model),
+            "--device", "cpu", "-t", "defocus"]
+    other = []
+    real_to_zarr = da.Array.to_zarr
+
+    def to_zarr_then_another_run(self, *a, **k):
+        result = real_to_zarr(self, *a, **k)
+        other.append(subprocess.run([sys.executable, "-m", "demoe", *argv], capture_output=True, text=True,
+                                    timeout=300))
+        return result
+
+    monkeypatch.setattr(da.Array, "to_zarr", to_zarr_then_another_run)
+    rc, text = _run(argv, capsys)
+    assert other[0].returncode == 0, other[0].stderr
+    assert rc == 0, text
+    out = tmp_path / "out" / "in_deblurred.zarr"
+    expected = deblur(da.from_array(img, chunks=(20, 36)), "defocus", model=tiny_model, device="cpu").compute()
+    np.testing.assert_allclose(zarr.open(str(out), mode="r")[:], expected, atol=1e-5)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["in_deblurred.zarr"]
+
+
+def test_broken_zarr_tiff_and_jpeg(tmp_path, good_png, identity_model, monkeypatch, capsys):
+    zarr = pytest.importorskip("zarr")
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    src = good_png.parent
+    for name, multiscales in (("empty_entry", [{}]), ("no_levels", [{"datasets": []}]),
+                              ("missing_level", [{"datasets": [{"path": "0"}]}])):
+        group = zarr.open_group(str(src / f"{name}.zarr"), mode="w")
+        group.attrs["multiscales"] = multiscales
+    (src / "nothing.zarr").mkdir()
+    (src / "no_pages.tif").write_bytes(b"II*\x00\x00\x00\x00\x00")  # a TIFF header whose first page is at 0: none
+    photo = cv2.imencode(".jpg", np.random.default_rng(2).integers(0, 256, (96, 96, 3), dtype=np.uint8))[1].tobytes()
+    (src / "truncated.jpg").write_bytes(photo[: len(photo) // 2])
+    rc, text = _run(["deblur", str(src), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert rc == 1 and "1 deblurred, 0 skipped, 6 failed" in text, text
+    assert ("empty_entry.zarr: FAILED: empty_entry.zarr: its OME-Zarr 'multiscales' metadata lists no levels "
+            "('datasets' with a 'path' each); accepted: a zarr array, or an OME-Zarr image") in text
+    assert "no_levels.zarr: FAILED: no_levels.zarr: its OME-Zarr 'multiscales' metadata lists no levels" in text
+    assert "missing_level.zarr: FAILED: missing_level.zarr: OME-Zarr level(s) '0' named in its metadata are not" in text
+    assert "nothing.zarr: FAILED: cannot open nothing.zarr as zarr" in text
+    assert "no_pages.tif: FAILED: cannot read no_pages.tif: no_pages.tif holds no image (a TIFF with 0 pages)" in text
+    # OpenCV reading the file filled the missing part with gray and the result was reported done.
+    assert "truncated.jpg: FAILED: cannot decode truncated.jpg: the file is truncated (its JPEG data ends early)" in text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["zz_good_deblurred.png"]
+
+
+def test_zarr_is_installed_with_the_package_or_named_in_one_line(tmp_path, good_png, identity_model, monkeypatch,
+                                                                 capsys):
+    import tomllib
+
+    from conftest import ROOT
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(re.match(r"zarr\b", d) for d in deps)  # the README's plain install gets it
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    monkeypatch.setitem(sys.modules, "zarr", None)  # as if it were missing
+    (tmp_path / "a.zarr").mkdir()
+    rc, text = _run(["deblur", str(tmp_path / "a.zarr"), str(good_png), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert rc == 1 and "a.zarr: FAILED: reading zarr needs the zarr package: pip install zarr" in text
+    assert "1 deblurred, 0 skipped, 1 failed" in text
+
+
+def test_info_on_a_malformed_training_record(tmp_path, tiny_model, capsys):
+    """A file's header may hold anything: `demoe info` shows what it can read, without a traceback."""
+    import json
+
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    for record in ("abc", {"init": "x"}, {"sessions": ["x", {"wall_time_s": "a", "start_step": 3}]},
+                   {"init": {"training": 5, "source": "a.pt"}, "photos": 3, "config": "x"}):
+        save_file(state, str(tmp_path / "m.safetensors"), metadata={"training": json.dumps(record)})
+        rc, text = _run(["info", str(tmp_path / "m.safetensors")], capsys)
+        assert rc == 0 and "config: {" in text, record
+    assert "training: steps 3-None on None, ? min" not in text  # the last record has no sessions
+    assert "then fine-tuned from a.pt:" in text and "data: 3 photographs + dead leaves" in text
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--tile-size", "0"], "argument --tile-size: must be positive, got 0"),
+    (["--tile-size", "inf"], "argument --tile-size: not a whole number: 'inf'"),
+    (["--overlap", "-1"], "argument --overlap: must be >= 0, got -1"),
+    (["--max-pixels", "0"], "argument --max-pixels: must be positive, got 0"),
+])
+def test_bad_numbers_are_usage_errors(tmp_path, good_png, capsys, options, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["deblur", str(good_png), "-o", str(tmp_path / "out"), *options])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--tile-size", "2"], "demoe: --tile-size must be at least 4 (the model's size divisor), got 2"),
+    (["--tile-size", "32", "--overlap", "16"], "demoe: --overlap (16) must be less than half of --tile-size (32)"),
+])
+def test_tile_options_every_file_would_fail_on_are_one_line(tmp_path, good_png, identity_model, monkeypatch, capsys,
+                                                            options, message):
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    rc, text = _run(["deblur", str(good_png), "-o", str(tmp_path / "out"), "-q", *options], capsys)
+    assert rc == 2 and text.strip() == message
+
+
+def test_training_photos_with_names_that_are_not_utf8(tmp_path):
+    """The trainer's readers hand OpenCV bytes too (its imread crashed on such names)."""
+    import os
+    import subprocess
+
+    if sys.platform == "darwin":
+        pytest.skip("macOS file systems refuse names that are not UTF-8")
+    odd = tmp_path / os.fsdecode(b"ph\xf6to.png")
+    odd.write_bytes(cv2.imencode(".png", np.random.default_rng(4).integers(0, 256, (300, 400, 3), np.uint8))[1])
+    script = ("import sys; from demoe.data import read_rgb, prepare_photos; "
+              "print(read_rgb(sys.argv[1]).shape, len(prepare_photos([sys.argv[2]], sys.argv[3], min_size=100)))")
+    run = subprocess.run([sys.executable, "-c", script, str(odd), str(tmp_path), str(tmp_path / "small")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["(300,", "400,", "3)", "1"]
+    assert len(list((tmp_path / "small").glob("*.png"))) == 1

@@ -327,3 +327,72 @@ def test_device_choices_listed(make_napari_viewer, use_model):
     viewer.window.add_dock_widget(widget)
     viewer.add_image(np.zeros((8, 8)))
     assert "cpu" in widget.device.choices
+
+
+# -- closing napari while workers run ------------------------------------------------------
+@pytest.fixture
+def slow_model(tiny_model, monkeypatch):
+    """The widget's model, each of its tile batches taking a while, so that napari can be closed in the middle."""
+    import time
+
+    forward = type(tiny_model).forward
+
+    def slow_forward(self, *args, **kwargs):
+        time.sleep(0.05)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_model), "forward", slow_forward)
+    _models.clear()
+    _models[(None, None)] = tiny_model
+    yield
+    _models.clear()
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_closing_napari_during_a_deblur_stops_it(make_napari_viewer, qtbot, slow_model, lazy):
+    from napari.qt.threading import WorkerBase
+
+    viewer = make_napari_viewer()
+    widget = DeblurWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    img = np.random.default_rng(0).random((160, 160)).astype(np.float32)
+    if lazy:
+        da = pytest.importorskip("dask.array")
+        img = da.from_array(img, chunks=40)
+        widget.compute.value = True  # computed now, counted in dask's tasks
+    viewer.add_image(img, name="big")
+    widget.advanced.value, widget.auto_tiles.value = True, False
+    widget.tile_size.value, widget.overlap.value = 16, 4  # many tiles: the run takes seconds
+    seen = []
+    widget._progress_relay.signal.connect(lambda done, total: seen.append(done))
+    widget.run()
+    qtbot.waitUntil(lambda: len(seen) > 0, timeout=20000)
+    worker = widget.worker
+    viewer.close()
+    # The run is cancelled at its next tile batch (or dask task): it ends soon, adds nothing, reports nothing.
+    qtbot.waitUntil(lambda: worker not in WorkerBase._worker_set, timeout=5000)
+    qtbot.wait(200)
+    assert "big deblurred" not in viewer.layers
+
+
+def test_quitting_napari_during_the_device_check_exits_cleanly():
+    """The whole process, quit while the device check still imports torch: it aborted (exit 134)."""
+    script = """
+import sys, threading, time
+import napari, demoe
+from napari_demoe._widget import DeblurWidget
+
+started = threading.Event()
+def slow():
+    started.set(); time.sleep(1.5); return ["cpu"]
+demoe.available_devices = slow
+sys.modules.pop("torch", None)  # as at napari's start: the widget checks the devices in the background
+viewer = napari.Viewer(show=False)
+viewer.window.add_dock_widget(DeblurWidget(viewer))
+assert started.wait(5)
+viewer.close()
+print("closed", flush=True)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "closed" in run.stdout, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and "RuntimeError" not in run.stderr, run.stderr[-2000:]

@@ -60,6 +60,9 @@ def _check_image(image) -> Any:
         raise TypeError("deblur() got None instead of an image array")
     is_dask = type(image).__module__.split(".")[0] == "dask"
     arr = image if is_dask else np.ma.getdata(image)  # a masked array's mask is taken by deblur()
+    if is_dask and any(not np.isfinite(n) for n in arr.shape):
+        raise ValueError(f"a dask array of unknown shape {arr.shape} (its chunk sizes are not known, e.g. after "
+                         "boolean indexing); call .compute_chunk_sizes() on it first")
     kind = arr.dtype.kind
     if kind == "b":
         raise TypeError("boolean images are not supported; pass integer or floating-point data")
@@ -77,7 +80,9 @@ def _resolve_channel_axis(shape, channel_axis) -> int | None:
         return len(shape) - 1 if len(shape) >= 3 and shape[-1] in (3, 4) else None
     if channel_axis is None:
         return None
-    if not isinstance(channel_axis, (int, np.integer)) or not -len(shape) <= channel_axis < len(shape):
+    if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
+        raise ValueError(f"channel_axis must be an axis number, None or 'auto', got {channel_axis!r}")
+    if not -len(shape) <= channel_axis < len(shape):
         raise ValueError(f"channel_axis={channel_axis!r} is out of range for an image of {len(shape)} dimensions {tuple(shape)}")
     axis = int(channel_axis) % len(shape)
     if len(shape) < 3:  # a channel axis needs two spatial axes beside it
@@ -86,21 +91,35 @@ def _resolve_channel_axis(shape, channel_axis) -> int | None:
 
 
 def _check_sizes(tile_size, overlap, batch_size, multiple, streams=None):
-    if streams is not None and (int(streams) < 1 or int(streams) != streams):
-        raise ValueError(f"streams must be a positive integer, got {streams}")
-    if tile_size is not None and (int(tile_size) < multiple or int(tile_size) != tile_size):
-        raise ValueError(f"tile_size must be an integer >= {multiple} (the network's size divisor), got {tile_size}")
-    if overlap is not None and (int(overlap) < 0 or int(overlap) != overlap):
-        raise ValueError(f"overlap must be a non-negative integer, got {overlap}")
-    if batch_size is not None and (int(batch_size) < 1 or int(batch_size) != batch_size):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    for name, value, least, what in (("streams", streams, 1, "a positive integer"),
+                                      ("tile_size", tile_size, multiple,
+                                       f"an integer >= {multiple} (the network's size divisor)"),
+                                      ("overlap", overlap, 0, "a non-negative integer"),
+                                      ("batch_size", batch_size, 1, "a positive integer")):
+        if value is not None and not _whole(value, least):
+            raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _whole(value, least: int) -> bool:
+    """``value`` is a whole number (an int, or a float without fraction; not a bool, NaN or inf) >= ``least``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
+        return False
+    if isinstance(value, (float, np.floating)) and not (np.isfinite(value) and float(value).is_integer()):
+        return False
+    return value >= least
 
 
 # -- intensities ----------------------------------------------------------------------------
 def intensity_range(arr, normalize) -> tuple[float, float]:
     """``(lo, hi)`` such that ``(x - lo) / (hi - lo)`` puts the data in [0, 1]."""
-    if isinstance(normalize, (tuple, list)):
-        lo, hi = map(float, normalize)
+    if isinstance(normalize, (tuple, list, np.ndarray)):
+        try:
+            lo, hi = (float(v) for v in normalize)
+        except (TypeError, ValueError):
+            raise ValueError(f"normalize=(low, high) takes two numbers, got {normalize!r}") from None
+        if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+            raise ValueError(f"normalize=(low, high) needs finite numbers with low < high, got {normalize!r}")
+        return lo, hi
     elif normalize == "none":
         lo, hi = 0.0, 1.0
     elif normalize == "range":
@@ -117,6 +136,9 @@ def intensity_range(arr, normalize) -> tuple[float, float]:
         raise ValueError(f"normalize must be 'auto', 'percentile', 'range', 'none' or a (low, high) pair, got {normalize!r}")
     if not hi > lo:
         hi = lo + 1.0  # constant image: any scale restores it unchanged
+    if not max(abs(lo), abs(hi)) <= 1e300:  # sums and the inverse mapping would overflow float64
+        raise ValueError(f"the image's intensities ({lo:g} to {hi:g}) are too near float64's limit (1.8e308) "
+                         "to restore; rescale it first")
     return lo, hi
 
 
@@ -135,6 +157,8 @@ def _check_finite(arr):
                              "pixels around them and keep them as they are, or replace them (e.g. np.nan_to_num) first")
 
 
+#: Largest network input, in intensity ranges from the range: beyond, float32 overflows in the network.
+INPUT_LIMIT = 1e20
 #: Gaussian sigma (pixels) of the normalised convolution that fills non-finite pixels.
 FILL_SIGMA = 4.0
 
@@ -167,7 +191,7 @@ def _fill_holes(arr: np.ndarray, holes: np.ndarray) -> np.ndarray:
     """
     import cv2
 
-    filled = arr.astype(np.float32)  # a copy: the input is never modified
+    filled = arr.astype(_float_for(arr.dtype))  # a copy: the input is never modified
     flat, flat_holes = filled.reshape(-1, *arr.shape[-3:]), holes.reshape(-1, *arr.shape[-3:])
     for p in range(flat.shape[0]):
         for ch in range(flat.shape[-1]):
@@ -189,8 +213,18 @@ def _fill_holes(arr: np.ndarray, holes: np.ndarray) -> np.ndarray:
 def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
-        return np.clip(np.rint(x), info.min, info.max).astype(dtype)
+        # The limit as x's float: the largest not above the maximum (float32(2**63) would wrap to -2**63).
+        top = x.dtype.type(info.max)
+        if int(top) > info.max:
+            top = np.nextafter(top, x.dtype.type(0))
+        return np.clip(np.rint(x), info.min, top).astype(dtype)
     return x.astype(dtype, copy=False)
+
+
+def _float_for(dtype: np.dtype):
+    """The float type intensities are scaled in: float64 for 64-bit data (float64 may lie beyond float32's
+    3.4e38; 64-bit integers need its precision), float32 otherwise (the network's own)."""
+    return np.float64 if np.dtype(dtype).itemsize == 8 else np.float32
 
 
 # -- the network on tiles ------------------------------------------------------------------
@@ -530,6 +564,11 @@ def deblur(
     ovl = int(overlap) if overlap is not None else tile // 8
     if 2 * ovl >= tile:
         raise ValueError(f"overlap ({ovl}) must be less than half the tile size ({tile})")
+    # A tile beyond the image and its overlap adds nothing but memory (tile_size=200000 took 23 GB on 64 x 64).
+    longest = max([n for i, n in enumerate(arr.shape) if i != axis][-2:])
+    fitted = tiling.fit_tile(tile, ovl, longest, multiple, least=DEFAULT_TILE.get(dev.type, 256))
+    if fitted < tile:
+        tile, ovl = fitted, (fitted // 8 if overlap is None else min(ovl, longest))
     batch = int(batch_size) if batch_size is not None else DEFAULT_BATCH.get(dev.type, 1)
     if streams is None:
         streams = min(DEFAULT_STREAMS.get(dev.type, 1), torch.get_num_threads())
@@ -612,7 +651,8 @@ def _match_mean(out: np.ndarray, src: np.ndarray, chans: list[int], rows: int = 
     if abs(shift) < 1e-12:
         return
     for y in range(0, out.shape[0], rows):
-        block = out[y : y + rows][..., chans].astype(np.float32) + np.float32(shift)
+        ftype = _float_for(out.dtype)
+        block = out[y : y + rows][..., chans].astype(ftype) + ftype(shift)
         out[y : y + rows, :, chans] = _to_dtype(block, out.dtype)
 
 
@@ -639,12 +679,17 @@ def _tile_reader(plane: np.ndarray, chans: list[int], mode: str, s: dict):
     Normalises to [0, 1] per tile (never the whole image at once) and
     replicates gray to the model's three channels.
     """
-    lo = np.float32(s["lo"])
-    scale = np.float32(1.0 / (s["hi"] - s["lo"]))
+    ftype = _float_for(plane.dtype)
+    lo = ftype(s["lo"])
+    scale = ftype(1.0 / (s["hi"] - s["lo"]))
     replicate = mode == "gray" and s["net"].img_channel == 3
 
     def read(rows, cols):
-        t = (_crop(plane, rows, cols)[..., chans].astype(np.float32) - lo) * scale
+        t = ((_crop(plane, rows, cols)[..., chans].astype(ftype) - lo) * scale).astype(np.float32, copy=False)
+        if not np.abs(t).max() <= INPUT_LIMIT:  # inf once in float32, and NaN all over the tile after the network
+            raise ValueError(f"some pixels lie over {INPUT_LIMIT:g} times the intensity range ({s['lo']:g} to "
+                             f"{s['hi']:g}) away from it, too far for the network's float32 arithmetic; clip them "
+                             "first (np.clip), or mark them as holes (NaN with nan_policy='keep', or a numpy.ma mask)")
         t = t.transpose(2, 0, 1)
         return np.repeat(t, 3, axis=0) if replicate else t
 
@@ -700,7 +745,8 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
     plan = tiling.plan_summary(h, w, s["tile"], s["ovl"], s["multiple"])
     total = plan["tiles"] * len(jobs) * len(planes)
     report = _progress(progress, total)
-    scale = np.float32(1.0 / (s["hi"] - s["lo"]))
+    ftype = _float_for(out.dtype)
+    scale = ftype(1.0 / (s["hi"] - s["lo"]))
     probs_all = []
 
     for p, plane in enumerate(planes):
@@ -710,7 +756,7 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
             def write(y0, y1, block, p=p, chans=chans, mode=mode):
                 if mode == "gray" and net.img_channel == 3:
                     block = block.mean(axis=0, keepdims=True)
-                block = block.transpose(1, 2, 0) / scale + np.float32(s["lo"])
+                block = block.transpose(1, 2, 0) / scale + ftype(s["lo"])
                 out[p][y0:y1, :, chans] = _to_dtype(block, out.dtype)
 
             first = len(probs_all)  # this job's routing records start here
@@ -809,6 +855,8 @@ def _deblur_dask(moved, s: dict):
         probs = _route_crop(crop, s)
     info = _routing_info(s["task"], [] if probs is None else [probs], net)
     info.update(tiles=None, tile_shape=None, computed=None)  # planned per chunk, lazily
+    if s["nan_policy"] == "raise" and moved.dtype.kind == "f":  # each chunk's own pixels, counted once
+        moved = moved.map_blocks(_finite_chunk, dtype=moved.dtype)
     margin = 2 * s["ovl"] + s["multiple"]  # context each chunk borrows from its neighbours
     depth = {i: 0 for i in range(moved.ndim)}
     depth[moved.ndim - 3] = min(margin, h)  # dask refuses a depth beyond the array
@@ -827,6 +875,20 @@ def _deblur_dask(moved, s: dict):
 
     out = moved.map_overlap(block_fn, depth=depth, boundary="reflect", dtype=moved.dtype)
     return out, info
+
+
+def _finite_chunk(block: np.ndarray, block_info=None) -> np.ndarray:
+    """``block`` as it is, or ValueError counting its NaN/Inf (checked before neighbours borrow its pixels)."""
+    bad = int(np.count_nonzero(~np.isfinite(block)))
+    if bad:
+        where = ""
+        if block_info:
+            (y0, y1), (x0, x1) = block_info[0]["array-location"][-3:-1]
+            where = f" in its chunk at rows {y0}-{y1 - 1}, columns {x0}-{x1 - 1}"
+        raise ValueError(f"image contains {bad} NaN or infinite value(s){where} (lazy input is checked chunk by "
+                         "chunk, as it is computed); pass nan_policy='keep' to restore the pixels around them "
+                         "and keep them as they are, or replace them (e.g. da.nan_to_num) first")
+    return block
 
 
 def _route_crop(crop: np.ndarray, s: dict) -> np.ndarray:

@@ -34,7 +34,12 @@ class CheckpointError(ValueError):
 
 # -- devices --------------------------------------------------------------------
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/"auto" -> cuda if available, else mps, else cpu."""
+    """``None``/"auto" -> cuda if available, else mps, else cpu.
+
+    A device this machine does not have (``"cuda"`` without CUDA, ``"cuda:3"``
+    with two GPUs, ``"mps"`` off a Mac, or any other kind) is a ``ValueError``
+    that names the devices available.
+    """
     if device is None or device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -42,10 +47,16 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         if mps is not None and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    here = f"available here: auto, {', '.join(available_devices())}"
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from err
+        raise ValueError(f"unknown device {device!r}; {here}") from err
+    cuda = dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
+    mps = getattr(torch.backends, "mps", None)
+    if dev.type == "cpu" or cuda or (dev.type == "mps" and mps is not None and mps.is_available()):
+        return dev
+    raise ValueError(f"device {str(device)!r} is not available on this machine; {here}")
 
 
 def available_devices() -> list[str]:
@@ -60,20 +71,37 @@ def available_devices() -> list[str]:
 
 
 # -- architecture from a state dict ----------------------------------------------
+#: Bounds of an architecture worth building, far above the published DeMoE (width 32, four levels,
+#: 28 blocks, five experts, about 60 M parameters): a file claiming more is refused before anything
+#: is allocated (a 2 KB file once asked for 7 GB).
+ARCH_LIMITS = {"img_channel": 16, "width": 1024, "levels": 8, "blocks": 256, "num_exp": 64}
+MAX_PARAMETERS = 1_000_000_000
+
+
 def _count(keys, pattern: str) -> int:
-    """1 + the largest integer captured by ``pattern`` among ``keys`` (0 if none)."""
+    """How many indices ``pattern`` captures among ``keys`` (0 if none); they must run 0, 1, ..., n - 1."""
     rx = re.compile(pattern)
-    found = [int(m.group(1)) for k in keys if (m := rx.match(k))]
-    return max(found) + 1 if found else 0
+    found = sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
+    if found and found[-1] != len(found) - 1:
+        gaps = sorted(set(range(found[-1] + 1)) - set(found))
+        name = pattern.replace("\\.", ".").replace("(\\d+)", "N")
+        raise CheckpointError(f"not a DeMoE state dict: the indices N of {name} do not run 0, 1, 2, ... "
+                              f"(found {len(found)} up to {found[-1]}; {len(gaps)} missing, e.g. {gaps[0]})")
+    return len(found)
 
 
 def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Read DeMoE's constructor arguments from parameter names and shapes."""
     if "intro.weight" not in state_dict:
         raise CheckpointError("not a DeMoE state dict: it has no 'intro.weight' parameter")
+    if state_dict["intro.weight"].ndim != 4:
+        raise CheckpointError(f"not a DeMoE state dict: 'intro.weight' has shape {tuple(state_dict['intro.weight'].shape)}"
+                              ", not (width, channels, 3, 3)")
     width, img_channel = state_dict["intro.weight"].shape[:2]
     keys = list(state_dict)
     levels = _count(keys, r"encoders\.(\d+)\.")
+    if levels > ARCH_LIMITS["levels"]:  # before each level's blocks are counted
+        raise CheckpointError(f"not a DeMoE this package builds: {levels} levels (at most {ARCH_LIMITS['levels']})")
     return dict(
         img_channel=int(img_channel),
         width=int(width),
@@ -167,6 +195,33 @@ def _check_keys(model: DeMoE, state_dict: dict[str, torch.Tensor], origin: str) 
         raise CheckpointError("\n".join(lines))
 
 
+def _check_architecture(config: dict[str, Any], state_dict: dict[str, torch.Tensor], origin: str) -> None:
+    """Refuse, before anything is allocated, an architecture out of bounds or tensors that do not hold their data."""
+    sizes = {"img_channel": [config["img_channel"]], "width": [config["width"]], "num_exp": [config["num_exp"]],
+             "blocks": [config["middle_blk_num"], *config["enc_blk_nums"], *config["dec_blk_nums"]]}
+    for name, values in sizes.items():
+        if any(v > ARCH_LIMITS[name] for v in values):
+            raise CheckpointError(f"{origin}: not a DeMoE this package builds: {name} {max(values)} (at most "
+                                  f"{ARCH_LIMITS[name]}) in {config}")
+    if config["width"] < 1 or config["img_channel"] < 1:
+        raise CheckpointError(f"{origin}: not a DeMoE state dict: width {config['width']}, "
+                              f"{config['img_channel']} channels")
+    for key, t in state_dict.items():  # a broadcast view (stride 0) holds a few numbers for a huge tensor
+        if t.numel() and t.untyped_storage().nbytes() < t.numel() * t.element_size():
+            raise CheckpointError(f"{origin}: parameter {key} of shape {tuple(t.shape)} does not hold its values "
+                                  f"({t.untyped_storage().nbytes()} bytes stored for {t.numel()} numbers)")
+
+
+def _metadata_int(metadata: dict[str, Any], key: str, default: int, origin: str) -> int:
+    """A whole-number metadata field (``top_k``, ``patch_size``), or CheckpointError naming it."""
+    value = metadata.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{origin}: metadata field {key!r} must be a positive whole number, got {value!r}")
+    return value
+
+
 def model_from_state_dict(
     state_dict: dict[str, torch.Tensor],
     *,
@@ -174,17 +229,34 @@ def model_from_state_dict(
     metadata: dict[str, Any] | None = None,
     origin: str = "state dict",
 ) -> DeMoE:
-    """Build a DeMoE whose architecture matches ``state_dict`` and load it."""
+    """Build a DeMoE whose architecture matches ``state_dict`` and load it.
+
+    The architecture is checked (bounds, contiguous block indices, every
+    parameter's shape, against a model on the ``meta`` device) before the
+    model is allocated.
+    """
     metadata = dict(metadata or {})
-    config = infer_config(state_dict)
-    k = int(top_k if top_k is not None else metadata.get(_TOP_K_KEY, 1))
+    try:
+        config = infer_config(state_dict)
+    except CheckpointError as err:
+        raise CheckpointError(f"{origin}: {err}") from None
+    _check_architecture(config, state_dict, origin)
+    k = int(top_k) if top_k is not None else _metadata_int(metadata, _TOP_K_KEY, 1, origin)
+    if "patch_size" in metadata:
+        _metadata_int(metadata, "patch_size", 0, origin)
     if not 1 <= k <= max(config["num_exp"], 1):
         raise ValueError(f"top_k must be between 1 and {config['num_exp']} (the number of experts), got {k}")
     try:
-        model = DeMoE(**config, k_used=k)
+        with torch.device("meta"):  # shapes only: nothing allocated
+            skeleton = DeMoE(**config, k_used=k)
     except (ValueError, RuntimeError) as err:
         raise CheckpointError(f"{origin}: cannot build DeMoE from {config}: {err}") from err
-    _check_keys(model, state_dict, origin)
+    parameters = sum(p.numel() for p in skeleton.parameters())
+    if parameters > MAX_PARAMETERS:
+        raise CheckpointError(f"{origin}: not a DeMoE this package builds: {parameters:,} parameters (at most "
+                              f"{MAX_PARAMETERS:,}) in {config}")
+    _check_keys(skeleton, state_dict, origin)
+    model = DeMoE(**config, k_used=k)
     model.load_state_dict(state_dict)
     model.metadata = metadata
     return model
@@ -197,9 +269,10 @@ def training_stages(record: dict | None) -> list[dict]:
     ``init["training"]``; this unnests them.
     """
     stages = []
-    while record:
+    while isinstance(record, dict) and record:  # anything else in a file's header is not a record
         stages.append(record)
-        record = (record.get("init") or {}).get("training")
+        init = record.get("init")
+        record = init.get("training") if isinstance(init, dict) else None
     return stages[::-1]
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,9 +33,8 @@ def collect_inputs(inputs: Sequence[str], recursive: bool,
         p = Path(item)
         if p.is_dir() and p.suffix != ".zarr":
             pattern = "**/*" if recursive else "*"
-            files = [f for f in p.glob(pattern)
-                     if (f.is_file() and f.suffix.lower() in SUFFIXES and not f.name.startswith("."))
-                     or (f.is_dir() and f.suffix == ".zarr")]
+            files = [f for f in p.glob(pattern) if not f.name.startswith(".")  # hidden: e.g. a run's temporaries
+                     and ((f.is_file() and f.suffix.lower() in SUFFIXES) or (f.is_dir() and f.suffix == ".zarr"))]
             files = [f for f in files if not any(part.endswith(".zarr") for part in f.relative_to(p).parts[:-1])]
             names = set(files)
             for f in sorted(files, key=natural_key):
@@ -58,35 +58,52 @@ def output_path(src: Path, rel: Path, outdir: Path | None, suffix: str) -> Path:
     return (outdir / rel.parent / name) if outdir is not None else src.with_name(name)
 
 
-def _deblur_zarr(src: Path, dest: Path, kwargs: dict, quiet: bool = False) -> dict:
+def _deblur_zarr(src: Path, dest: Path, kwargs: dict, quiet: bool = False, max_pixels: int | None = None) -> dict:
     """A zarr array, or an OME-Zarr image (its full-resolution level), deblurred lazily into ``dest``."""
     import contextlib
     import shutil
 
     import dask.array as da
-    import zarr
+
+    try:
+        import zarr
+    except ImportError:
+        raise ValueError("reading zarr needs the zarr package: pip install zarr") from None
     from tqdm.auto import tqdm
     from tqdm.dask import TqdmCallback
 
     from .api import deblur
+    from .files import check_size, partial_path
 
-    node = zarr.open(str(src), mode="r")
+    accepted = "accepted: a zarr array, or an OME-Zarr image"
+    try:
+        node = zarr.open(str(src), mode="r")
+    except (OSError, ValueError, KeyError, TypeError) as err:  # no zarr.json/.zarray, or unreadable metadata
+        raise ValueError(f"cannot open {src.name} as zarr ({type(err).__name__}: {err}); {accepted}") from None
     attrs = None
     if isinstance(node, zarr.Group):
         attrs = dict(node.attrs)
         ome = attrs.get("ome", attrs)  # OME-Zarr 0.5 nests its metadata under "ome"
         multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
         if not multiscales:
-            raise ValueError(f"{src.name} is a zarr group without OME-Zarr 'multiscales' metadata; "
-                             "accepted: a zarr array, or an OME-Zarr image")
-        levels = multiscales[0]["datasets"]
+            raise ValueError(f"{src.name} is a zarr group without OME-Zarr 'multiscales' metadata; {accepted}")
+        levels = multiscales[0].get("datasets") if isinstance(multiscales, list) and isinstance(multiscales[0], dict) else None
+        if not isinstance(levels, list) or not levels or not all(isinstance(lv, dict) and "path" in lv for lv in levels):
+            raise ValueError(f"{src.name}: its OME-Zarr 'multiscales' metadata lists no levels ('datasets' with a "
+                             f"'path' each); {accepted}")
+        missing = [lv["path"] for lv in levels if not isinstance(node.get(str(lv["path"])), zarr.Array)]
+        if missing:
+            raise ValueError(f"{src.name}: OME-Zarr level(s) {', '.join(map(repr, missing))} named in its metadata "
+                             "are not arrays in the store")
         arr = da.from_zarr(node[levels[0]["path"]])
     else:
         arr = da.from_zarr(node)
+    if arr.ndim >= 2:  # read chunk by chunk: a chunk is what must fit in memory
+        chunk = arr.chunksize
+        h, w = chunk[-3:-1] if arr.ndim >= 3 and arr.shape[-1] in (3, 4) else chunk[-2:]
+        check_size(f"a chunk of {src.name}", h, w, max_pixels)
     out, info = deblur(arr, return_info=True, **kwargs)
-    tmp = dest.with_name(f".{dest.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = partial_path(dest)  # this process's own: a concurrent run writes its own
     # dask computes the chunks as the store is written: a bar over its tasks (chunks read, restored, written).
     bar = (contextlib.nullcontext() if quiet else
            TqdmCallback(tqdm_class=tqdm, desc=src.name, unit="task", leave=False, mininterval=1.0))
@@ -100,13 +117,33 @@ def _deblur_zarr(src: Path, dest: Path, kwargs: dict, quiet: bool = False) -> di
                 written = _write_pyramid(group, out, levels, [node[level["path"]] for level in levels])
                 ome["multiscales"] = [{**multiscales[0], "datasets": written}, *multiscales[1:]]
                 group.attrs.update(attrs)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        _move_into_place(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return info
+
+
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    """Rename the folder ``tmp`` to ``dest``; an existing ``dest`` is moved aside first and removed after,
+    so that ``dest`` is missing for a moment only, and is never a mix of two runs."""
+    import shutil
+
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    try:
+        dest.rename(old)
+    except FileNotFoundError:
+        old = None
+    try:
+        tmp.rename(dest)
+    except OSError as err:  # another run put its result there meanwhile: that one stays
+        if old is not None and not dest.exists():
+            old.rename(dest)
+        raise ValueError(f"{dest} was written by another run at the same time; this run's result was not "
+                         f"kept ({err.strerror or err})") from None
+    finally:
+        if old is not None and old.exists():
+            shutil.rmtree(old)
 
 
 def _write_pyramid(group, full, levels: list[dict], sources: list) -> list[dict]:
@@ -138,90 +175,186 @@ def _write_pyramid(group, full, levels: list[dict], sources: list) -> list[dict]
     return written
 
 
+def _key(path: Path) -> Path:
+    """``path`` resolved, for comparing names (as it is, where the file system refuses the name)."""
+    try:
+        return path.resolve()
+    except OSError:
+        return path.absolute()
+
+
+def plan_outputs(items: list[tuple[Path, Path]], outdir: Path | None, suffix: str) -> list[tuple[Path, Path]]:
+    """``(input, output)`` pairs; ValueError (naming the files) if an output would be an input, or if two
+    inputs would be written to one output."""
+    inputs = {_key(src): src for src, _ in items}
+    plan, first, taken = [], {}, set()
+    collisions = []
+    for src, rel in items:
+        if _key(src) in taken:  # the same file named twice: once is enough
+            continue
+        taken.add(_key(src))
+        dest = output_path(src, rel, outdir, suffix)
+        key = _key(dest)
+        if key in inputs:
+            raise ValueError(f"refusing to write {dest}: it would overwrite an input "
+                             "(choose another --output folder or a non-empty --suffix)")
+        if key in first:
+            collisions.append(f"{first[key]} and {src} -> {dest}")
+        first.setdefault(key, src)
+        plan.append((src, dest))
+    if collisions:
+        raise ValueError(f"{len(collisions)} output name(s) would be written twice: {'; '.join(collisions[:5])}"
+                         + (f"; ... {len(collisions) - 5} more" if len(collisions) > 5 else "")
+                         + ". Give such inputs separate runs or --output folders, or pass their common parent "
+                           "folder with --recursive (sub-folders are kept)")
+    return plan
+
+
+def _suffix_error(suffix: str) -> str | None:
+    seps = {"/", os.sep, os.altsep} - {None}
+    if any(sep in suffix for sep in seps) or "\0" in suffix:
+        return (f"--suffix {suffix!r} may not contain a path separator ({' or '.join(sorted(seps))}): outputs are "
+                "named <name><suffix><ext>, beside their input or in --output")
+    return None
+
+
 def run_deblur(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .api import deblur
-    from .checkpoint import load_model
-    from .files import SUFFIXES, read_image, write_image
+    from .checkpoint import CheckpointError, load_model
+    from .files import SUFFIXES, max_pixels
 
+    def fail(message: str) -> int:  # a problem of the whole run: one line, exit 2
+        print(f"demoe: {message}", file=sys.stderr)
+        return 2
+
+    if _suffix_error(args.suffix):
+        return fail(_suffix_error(args.suffix))
+    try:
+        max_pixels()  # DEMOE_MAX_PIXELS, if set, is a number
+    except ValueError as err:
+        return fail(str(err))
     outdir = Path(args.output) if args.output else None
     try:
         items, earlier = collect_inputs(args.inputs, args.recursive, args.suffix)
-    except FileNotFoundError as err:
-        print(f"demoe: {err}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, OSError) as err:
+        return fail(str(err))
     if earlier:
         print(f"demoe: left out {len(earlier)} earlier output(s) found beside their source, "
               f"e.g. {earlier[0]} (name such files to deblur them)", file=sys.stderr)
     if not items:
-        print(f"demoe: no images found (accepted: {' '.join(sorted(SUFFIXES))} .zarr)", file=sys.stderr)
-        return 2
-    inputs = {src.resolve() for src, _ in items}
-    plan = []
-    for src, rel in items:
-        dest = output_path(src, rel, outdir, args.suffix)
-        if dest.resolve() in inputs or dest.resolve() == src.resolve():
-            print(f"demoe: refusing to write {dest}: it would overwrite an input "
-                  "(choose another --output folder or a non-empty --suffix)", file=sys.stderr)
-            return 2
-        plan.append((src, dest))
+        return fail(f"no images found (accepted: {' '.join(sorted(SUFFIXES))} .zarr)")
+    try:
+        plan = plan_outputs(items, outdir, args.suffix)
+    except ValueError as err:
+        return fail(str(err))
+    if outdir is not None and outdir.exists() and not outdir.is_dir():
+        return fail(f"--output {outdir} is a file; give a folder (it is created if missing)")
 
-    model = load_model(args.model, device=args.device)
+    try:
+        model = load_model(args.model, device=args.device)
+    except (FileNotFoundError, CheckpointError, ValueError) as err:
+        return fail(str(err))
+    if args.tile_size is not None and args.tile_size < model.padder_size:  # else every file fails alike
+        return fail(f"--tile-size must be at least {model.padder_size} (the model's size divisor), got {args.tile_size}")
+    if args.overlap is not None and args.tile_size is not None and 2 * args.overlap >= args.tile_size:
+        return fail(f"--overlap ({args.overlap}) must be less than half of --tile-size ({args.tile_size})")
+    if outdir is not None:
+        try:
+            outdir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            return fail(f"cannot create the output folder {outdir}: {err.strerror or err}")
     kwargs = dict(task=None if args.task == "auto" else args.task, model=model, device=args.device,
                   tile_size=args.tile_size, overlap=args.overlap, ensemble=args.ensemble, routing=args.routing,
                   preserve_mean=True if args.preserve_mean else None, nan_policy=args.nan_policy)
     failed = skipped = 0
     bar = tqdm(plan, unit="image", desc="images", disable=args.quiet)
     for src, dest in bar:
-        if dest.exists() and not args.overwrite:
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:  # shown as this file's lines
+            warnings.simplefilter("always")
+            try:
+                result = _deblur_file(src, dest, args, kwargs)
+            except (ValueError, TypeError, OSError, MemoryError) as err:
+                result = f"FAILED: {_one_line(err)}"
+            except Exception as err:  # noqa: BLE001 - one file's unforeseen error must not stop the batch
+                result = f"FAILED: {type(err).__name__}: {_one_line(err)} (unexpected; please report it)"
+        _show_warnings(src, caught)
+        if result is None:
             tqdm.write(f"{src}: skipped, {dest} exists (use --overwrite)")
             skipped += 1
-            continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        more = ""  # what else the file holds, when not all of it is in one image
-        try:
-            if src.suffix == ".zarr":
-                if args.preserve_mean:
-                    raise ValueError("--preserve-mean is not available for zarr stores (it needs each whole "
-                                     "plane in memory)")
-                info = _deblur_zarr(src, dest, kwargs, quiet=args.quiet)
-            else:
-                img = read_image(src)
-                tiles = tqdm(total=0, unit="tile", desc=src.name, leave=False, disable=args.quiet)
-
-                def report(done, total, tiles=tiles):
-                    tiles.total = total
-                    tiles.n = done
-                    tiles.refresh()
-
-                def restore(image, **extra):
-                    return deblur(image.data, channel_axis=image.channel_axis, bgr=image.bgr, progress=report,
-                                  **kwargs, **extra)
-
-                out, info = restore(img, return_info=True)
-                # A FITS file's other image HDUs, each routed on its own.
-                parts = [dataclasses.replace(part, data=restore(part)) for part in img.parts]
-                tiles.close()
-                write_image(dest, dataclasses.replace(img, data=out, parts=parts))
-                if img.parts:
-                    more = f" (and {len(img.parts)} more image HDUs)"
-                elif img.tiff.get("other_series"):
-                    more = f" (its first series only: {img.tiff['other_series']} more not in the result)"
-        except (ValueError, TypeError, OSError, MemoryError) as err:
+        elif result.startswith("FAILED: "):
+            tqdm.write(f"{src}: {result}")
             failed += 1
-            tqdm.write(f"{src}: FAILED: {err}")
-            continue
-        p = info["probabilities"].get(info["task"]) if info.get("task") else None
-        how = "forced" if info.get("forced") else "detected"
-        label = f"{info['task']} ({how}, p={p:.2f})" if p is not None else "routing n/a"
-        if info.get("tile_tasks"):
-            label = "per tile: " + ", ".join(f"{task} {n}" for task, n in info["tile_tasks"].items())
-        tqdm.write(f"{src}: {label}{more} -> {dest} [{time.perf_counter() - t0:.1f} s]")
+        else:
+            tqdm.write(f"{src}: {result} -> {dest} [{time.perf_counter() - t0:.1f} s]")
     done = len(plan) - failed - skipped
     print(f"{done} deblurred, {skipped} skipped, {failed} failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _show_warnings(src: Path, caught: list) -> None:
+    """Runtime and user warnings of one file as its own lines; others (deprecations...) as Python shows them."""
+    from tqdm.auto import tqdm
+
+    for w in caught:
+        if issubclass(w.category, (RuntimeWarning, UserWarning)) and not issubclass(w.category, DeprecationWarning):
+            tqdm.write(f"{src}: warning: {_one_line(w.message)}")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def _deblur_file(src: Path, dest: Path, args: argparse.Namespace, kwargs: dict) -> str | None:
+    """Deblur one input into ``dest``: what the command's line says about it, or None if it was skipped."""
+    from tqdm.auto import tqdm
+
+    from .api import deblur
+    from .files import read_image, remove_leftovers, write_image
+
+    remove_leftovers(dest)  # temporaries of runs that were killed while writing it
+    if dest.exists() and not args.overwrite:
+        return None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    more = ""  # what else the file holds, when not all of it is in one image
+    if src.suffix == ".zarr":
+        if args.preserve_mean:
+            raise ValueError("--preserve-mean is not available for zarr stores (it needs each whole "
+                             "plane in memory)")
+        info = _deblur_zarr(src, dest, kwargs, quiet=args.quiet, max_pixels=args.max_pixels)
+    else:
+        img = read_image(src, max_pixels=args.max_pixels)
+        tiles = tqdm(total=0, unit="tile", desc=src.name, leave=False, disable=args.quiet)
+
+        def report(done, total, tiles=tiles):
+            tiles.total = total
+            tiles.n = done
+            tiles.refresh()
+
+        def restore(image, **extra):
+            return deblur(image.data, channel_axis=image.channel_axis, bgr=image.bgr, progress=report,
+                          **kwargs, **extra)
+
+        try:
+            out, info = restore(img, return_info=True)
+            # A FITS file's other image HDUs, each routed on its own.
+            parts = [dataclasses.replace(part, data=restore(part)) for part in img.parts]
+        finally:
+            tiles.close()
+        write_image(dest, dataclasses.replace(img, data=out, parts=parts))
+        if img.parts:
+            more = f" (and {len(img.parts)} more image HDUs)"
+        elif img.tiff.get("other_series"):
+            more = f" (its first series only: {img.tiff['other_series']} more not in the result)"
+    p = info["probabilities"].get(info["task"]) if info.get("task") else None
+    how = "forced" if info.get("forced") else "detected"
+    label = f"{info['task']} ({how}, p={p:.2f})" if p is not None else "routing n/a"
+    if info.get("tile_tasks"):
+        label = "per tile: " + ", ".join(f"{task} {n}" for task, n in info["tile_tasks"].items())
+    return label + more
 
 
 # -- demoe info -------------------------------------------------------------------------------
@@ -264,27 +397,55 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speed(session: dict) -> str:
+    """", N patches/s (M steps/s, GPU busy G %)" from a training session's record, or "" without figures."""
+    numbers = [session.get(k) for k in ("patches_per_s", "steps_per_s")]
+    if not all(isinstance(v, (int, float)) for v in numbers):
+        return ""
+    gpu = session.get("gpu_util_mean")
+    busy = f", GPU busy {gpu:.0f} %" if isinstance(gpu, (int, float)) else ""
+    return f", {numbers[0]:.0f} patches/s ({numbers[1]:.2f} steps/s{busy})"
+
+
 def _stage_lines(record: dict) -> list[str]:
     """One stage of the weights' training record (a fine-tune names the file it started from)."""
-    lines = [f"then fine-tuned from {record['init'].get('source')}:"] if record.get("init") else []
-    for s in record.get("sessions", []):
-        speed = (f", {s['patches_per_s']:.0f} patches/s ({s['steps_per_s']:.2f} steps/s"
-                 + (f", GPU busy {s['gpu_util_mean']:.0f} %)" if "gpu_util_mean" in s else ")")
-                 if "patches_per_s" in s else "")
+    # A record is a file's header: anything may be in it, and what is not as written here is left out.
+    init = record.get("init")
+    lines = [f"then fine-tuned from {init.get('source')}:"] if isinstance(init, dict) else []
+    sessions = record.get("sessions")
+    for s in sessions if isinstance(sessions, list) else []:
+        if not isinstance(s, dict):
+            continue
+        seconds = s.get("wall_time_s", 0)
+        minutes = f"{seconds / 60:.1f}" if isinstance(seconds, (int, float)) else "?"
         lines.append(f"training: steps {s.get('start_step')}-{s.get('end_step')} on {s.get('hardware')}, "
-                     f"{s.get('wall_time_s', 0) / 60:.1f} min{speed}, started {s.get('started')}")
+                     f"{minutes} min{_speed(s)}, started {s.get('started')}")
     if "data" in record:
         lines.append(f"data: {record['data']}")
     elif "photos" in record:
-        pairs = (record.get("config") or {}).get("pairs") or []
-        psfs = (record.get("config") or {}).get("psf") or []
+        config = record.get("config") if isinstance(record.get("config"), dict) else {}
+        pairs, psfs = config.get("pairs") or [], config.get("psf") or []
         lines.append(f"data: {record['photos']} photographs + dead leaves"
-                     + (f" + real pairs {', '.join(pairs)}" if pairs else "")
-                     + (f" + your PSFs {', '.join(psfs)}" if psfs else ""))
+                     + (f" + real pairs {', '.join(map(str, pairs))}" if isinstance(pairs, list) and pairs else "")
+                     + (f" + your PSFs {', '.join(map(str, psfs))}" if isinstance(psfs, list) and psfs else ""))
     return lines
 
 
 # -- entry point -------------------------------------------------------------------------------
+def _count_arg(least: int):
+    """An argparse type: a whole number >= ``least`` (argparse then gives its one-line usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {'positive' if least == 1 else f'>= {least}'}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="demoe", description="All-in-one image deblurring with DeMoE.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,13 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NaN/Inf pixels in float images: restore around them and keep them as they are (default), "
                         "or fail that image")
     d.add_argument("--model", metavar="PATH", help="checkpoint file or training run folder (default: the packaged model)")
-    d.add_argument("--tile-size", type=int, metavar="N", help="tile size in pixels (default: by device)")
-    d.add_argument("--overlap", type=int, metavar="N", help="tile overlap in pixels (default: tile/8)")
+    d.add_argument("--tile-size", type=_count_arg(1), metavar="N", help="tile size in pixels (default: by device)")
+    d.add_argument("--overlap", type=_count_arg(0), metavar="N", help="tile overlap in pixels (default: tile/8)")
     d.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     d.add_argument("--ensemble", type=int, default=1, choices=ENSEMBLES, metavar="N",
                    help=f"average each tile restored in N orientations: {', '.join(map(str, ENSEMBLES))} "
                         "(N times slower; default 1)")
-    d.add_argument("--suffix", default="_deblurred", help="added to output names (default: _deblurred)")
+    d.add_argument("--suffix", default="_deblurred", help="added to output names, no path separators "
+                   "(default: _deblurred)")
+    d.add_argument("--max-pixels", type=_count_arg(1), metavar="N",
+                   help="largest image read into memory, in pixels per plane (default: 16384 x 16384, or "
+                        "$DEMOE_MAX_PIXELS); larger files are refused before decoding. Zarr is read by chunks")
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     d.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -333,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 are shown escaped, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     if getattr(args, "device", None) == "auto":
         args.device = None
     try:

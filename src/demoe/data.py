@@ -47,9 +47,9 @@ def list_images(folders: Sequence[str | Path], recursive: bool = True) -> list[P
 
 def read_rgb(path: str | Path) -> np.ndarray:
     """Read an image as float32 RGB in [0, 1] (8- or 16-bit; gray replicated)."""
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ValueError(f"cannot read image {path}")
+    from .files import decode_opencv
+
+    img = decode_opencv(path)[0]  # ValueError if it cannot be read; OpenCV never sees the file name
     scale = 65535.0 if img.dtype == np.uint16 else 255.0
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
@@ -353,6 +353,8 @@ def prepare_photos(sources: Sequence[str | Path], out: str | Path, *, short_side
         raise ValueError(f"dedupe must be a correlation in (0, 1], e.g. 0.99, got {dedupe}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    from .files import decode_opencv
+
     rx = re.compile(exclude) if exclude else None
     ext, params = (".png", []) if quality is None else (".jpg", [
         cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
@@ -360,8 +362,9 @@ def prepare_photos(sources: Sequence[str | Path], out: str | Path, *, short_side
     for path in list_images(sources):
         if (rx and rx.search(str(path))) or out.resolve() in path.resolve().parents:  # not our own outputs
             continue
-        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if img is None:
+        try:
+            img = decode_opencv(path, cv2.IMREAD_COLOR)[0]
+        except ValueError:
             continue
         small = _shrink(img, short_side, min_downscale, max_aspect)
         if min(small.shape[:2]) < min_size:
@@ -382,8 +385,10 @@ def prepare_photos(sources: Sequence[str | Path], out: str | Path, *, short_side
         while dest in kept:  # another source with the same last four path parts
             n += 1
             dest = out / f"{stem}-{n}{ext}"
-        if not cv2.imwrite(str(dest), small, params):
-            raise OSError(f"could not write {dest}")
+        ok, buf = cv2.imencode(ext, small, params)  # bytes, never a path, to OpenCV (any file name)
+        if not ok:
+            raise OSError(f"could not encode {dest}")
+        dest.write_bytes(buf.tobytes())
         kept[dest] = (Prepared(dest, path, duplicates), thumb, pixels)
     return [record for record, _, _ in kept.values()]
 

@@ -13,6 +13,11 @@ written back),
 numpy (no pickles). Every write goes to a temporary file in the destination
 folder and is renamed into place, so an interrupted run never leaves a
 half-written image.
+
+Sizes are read from a file's header before anything is decoded: an image over
+:data:`MAX_PIXELS` pixels per plane is refused, so a small file whose header
+claims a huge image cannot take all memory. OpenCV gets bytes, never a path
+(it cannot take every file name a file system can).
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ FITS_SUFFIXES = {".fits", ".fit", ".fts"}
 SUFFIXES = OPENCV_SUFFIXES | TIFF_SUFFIXES | FITS_SUFFIXES | {".npy"}
 #: Extensions of two parts, kept together when a name is changed (``x_deblurred.ome.tif``).
 COMPOUND_SUFFIXES = (".ome.tif", ".ome.tiff", ".ome.zarr")
+#: Largest plane read into memory, in pixels (height x width; 16384 x 16384). Files claiming more are
+#: refused before decoding; the environment variable DEMOE_MAX_PIXELS (or ``demoe deblur
+#: --max-pixels``) raises it. Zarr stores are read lazily, chunk by chunk, and have no such limit.
+MAX_PIXELS = 16384 * 16384
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -59,39 +68,138 @@ class Image:
     parts: list[Image] = field(default_factory=list)
 
 
-def read_image(path: str | Path) -> Image:
-    """Read ``path``; raises ``ValueError`` for unreadable or unsupported files."""
+def max_pixels() -> int:
+    """The limit in force: ``DEMOE_MAX_PIXELS`` if set, else :data:`MAX_PIXELS`."""
+    value = os.environ.get("DEMOE_MAX_PIXELS", "").strip().replace("_", "")
+    if not value:
+        return MAX_PIXELS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"DEMOE_MAX_PIXELS must be a positive whole number of pixels, got {value!r}")
+    return int(value)
+
+
+class ImageTooLarge(ValueError):
+    """A file whose header claims more pixels than the limit (:func:`max_pixels`)."""
+
+
+def check_size(name: str, height: int, width: int, limit: int | None = None) -> None:
+    """Refuse a plane of ``height`` x ``width`` over ``limit`` pixels (default: :func:`max_pixels`)."""
+    limit = max_pixels() if limit is None else limit
+    if height * width > limit:
+        raise ImageTooLarge(f"{name} is {width} x {height} pixels ({height * width:,}), over the limit of {limit:,} "
+                         "pixels per image; raise it with --max-pixels or DEMOE_MAX_PIXELS if you have the memory")
+
+
+def read_image(path: str | Path, max_pixels: int | None = None) -> Image:
+    """Read ``path``; raises ``ValueError`` for unreadable or unsupported files.
+
+    A plane over ``max_pixels`` pixels (default: :func:`max_pixels`) is refused
+    from the file's header, before anything is decoded. A truncated file is
+    refused (OpenCV would fill a JPEG's missing part with gray).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in OPENCV_SUFFIXES:
-        import cv2
-
-        data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if data is None:
-            raise ValueError(f"cannot decode {path.name} (corrupt or not a {suffix[1:].upper()} image)")
-        color = data.ndim == 3 and data.shape[2] in (3, 4)
-        return Image(data, 2 if color else None, bgr=color, photo=_photo_metadata(path))
+        return _read_opencv(path, max_pixels)
     if suffix in TIFF_SUFFIXES:
-        return _read_tiff(path)
+        return _read_tiff(path, max_pixels)
     if suffix in FITS_SUFFIXES:
-        return _read_fits(path)
+        return _read_fits(path, max_pixels)
     if suffix == ".npy":
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as err:
-            raise ValueError(f"cannot read {path.name}: {err}") from err
-        return Image(data, "auto")
+        return _read_npy(path, max_pixels)
     raise ValueError(f"unsupported file type {suffix or '(none)'}; accepted: {', '.join(sorted(SUFFIXES))}, .zarr")
 
 
-def _read_tiff(path: Path) -> Image:
+def decode_opencv(path: str | Path, flags: int | None = None, limit: int | None = None) -> tuple[np.ndarray, Any]:
+    """``(pixels, Pillow's header parse or None)`` of a PNG/JPEG/BMP/WebP file, as ``cv2.imread`` would give.
+
+    The file is read as bytes and decoded from memory (OpenCV crashed on file names
+    that are not UTF-8), after its header's size is checked (:func:`check_size`).
+    ValueError if it cannot be read or decoded.
+    """
+    import cv2
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()  # decoded from memory: OpenCV never sees the file name
+    except OSError as err:
+        raise ValueError(f"cannot read {path.name}: {err.strerror or err}") from err
+    header = _pil_header(raw)
+    if header is not None:
+        check_size(path.name, header.size[1], header.size[0], limit)
+    try:
+        flags = cv2.IMREAD_UNCHANGED if flags is None else flags
+        data = cv2.imdecode(np.frombuffer(raw, np.uint8), flags) if raw else None
+    except cv2.error as err:  # e.g. over OpenCV's own limit (CV_IO_MAX_IMAGE_PIXELS, 2**30 pixels)
+        raise ValueError(f"cannot decode {path.name}: OpenCV: {str(err).strip().splitlines()[-1]}") from None
+    if data is None:
+        if raw[:2] == b"\xff\xd8" and raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda"):  # no end after the last scan
+            raise ValueError(f"cannot decode {path.name}: the file is truncated (its JPEG data ends early)")
+        raise ValueError(f"cannot decode {path.name} (corrupt or not a {path.suffix[1:].upper()} image)")
+    return data, header
+
+
+def _read_opencv(path: Path, limit: int | None) -> Image:
+    data, header = decode_opencv(path, limit=limit)
+    color = data.ndim == 3 and data.shape[2] in (3, 4)
+    return Image(data, 2 if color else None, bgr=color, photo=_photo_metadata(path, header))
+
+
+def _pil_header(raw: bytes):
+    """Pillow's parse of an image's header (size, EXIF, ICC profile), or None; nothing is decoded.
+
+    Pillow's own ``Image.open`` refuses images over its decompression-bomb limit
+    (179 M pixels) before giving the size; this module sets its own limit, so the
+    format's parser is called directly.
+    """
+    import io
+
+    from PIL import Image as PILImage
+
+    PILImage.init()
+    for fmt in ("PNG", "JPEG", "BMP", "WEBP"):
+        factory, accept = PILImage.OPEN.get(fmt, (None, None))
+        if factory is None or (accept is not None and accept(raw[:16]) is not True):
+            continue
+        try:
+            return factory(io.BytesIO(raw), "")
+        except (OSError, SyntaxError, ValueError, IndexError, TypeError, EOFError):
+            return None
+    return None
+
+
+def _read_npy(path: Path, limit: int | None) -> Image:
+    try:
+        with open(path, "rb") as f:  # the header first: the shape, before any data is read
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape = read_header(f)[0]
+        if len(shape) >= 2:  # (..., H, W) or, with colour last, (..., H, W, 3|4)
+            h, w = shape[-3:-1] if len(shape) >= 3 and shape[-1] in (3, 4) else shape[-2:]
+            check_size(path.name, h, w, limit)
+        data = np.load(path, allow_pickle=False)
+    except ImageTooLarge:
+        raise
+    except (ValueError, OSError) as err:
+        raise ValueError(f"cannot read {path.name}: {err}") from err
+    return Image(data, "auto")
+
+
+def _read_tiff(path: Path, limit: int | None = None) -> Image:
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise ValueError(f"{path.name} holds no image (a TIFF with 0 pages)")
             series = tif.series[0]
-            data = series.asarray()
             axes = series.axes
+            if len(series.shape) >= 2:  # the plane: Y and X, else the last two axes that are not samples
+                spatial = [n for n, ax in zip(series.shape, axes) if ax != "S"]
+                h, w = ((series.shape[axes.index("Y")], series.shape[axes.index("X")])
+                        if "Y" in axes and "X" in axes else spatial[-2:])
+                check_size(path.name, h, w, limit)
+            data = series.asarray()
             page = tif.pages[0]
             info: dict[str, Any] = {"axes": axes, "photometric": page.photometric.name.lower(),
                                     "other_series": len(tif.series) - 1}  # not read: only series 0 is restored
@@ -109,7 +217,9 @@ def _read_tiff(path: Path) -> Image:
                 image = image[0] if isinstance(image, list) else image  # series 0 is what was read
                 if isinstance(image, dict):
                     info["ome"] = image
-    except (tifffile.TiffFileError, ValueError, OSError, IndexError) as err:
+    except ImageTooLarge:
+        raise
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as err:
         raise ValueError(f"cannot read {path.name}: {err}") from err
     # Samples (S: RGB in one pixel) are colour; ImageJ channels (C) are separate gray planes.
     channel_axis = axes.index("S") if "S" in axes and data.shape[axes.index("S")] in (3, 4) else None
@@ -120,17 +230,14 @@ def _read_tiff(path: Path) -> Image:
 PHOTO_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
 
 
-def _photo_metadata(path: Path) -> dict[str, bytes]:
-    """The EXIF block (camera, orientation, date...) and ICC colour profile of a photo, if any."""
-    if path.suffix.lower() not in PHOTO_FORMATS:
-        return {}
-    from PIL import Image as PILImage
+def _photo_metadata(path: Path, header) -> dict[str, bytes]:
+    """The EXIF block (camera, orientation, date...) and ICC colour profile of a photo, if any.
 
-    try:
-        with PILImage.open(path) as im:
-            info = {key: im.info.get(key) for key in ("exif", "icc_profile")}
-    except (OSError, ValueError):
+    ``header`` is Pillow's parse of the file (:func:`_pil_header`), or None.
+    """
+    if path.suffix.lower() not in PHOTO_FORMATS or header is None:
         return {}
+    info = {key: header.info.get(key) for key in ("exif", "icc_profile")}
     return {key: value for key, value in info.items() if isinstance(value, bytes) and value}
 
 
@@ -158,14 +265,19 @@ def _astropy_fits():
     return fits
 
 
-def _read_fits(path: Path) -> Image:
+def _read_fits(path: Path, limit: int | None = None) -> Image:
     fits = _astropy_fits()
     try:
         with fits.open(path, memmap=False) as hdus:
             # Every image HDU with two or more axes: a mosaic camera writes one per detector.
+            found = [(i, hdu) for i, hdu in enumerate(hdus) if hdu.is_image and hdu.header.get("NAXIS", 0) >= 2]
+            for i, hdu in found:  # sizes from the headers, before any data is read
+                check_size(path.name, int(hdu.header.get("NAXIS2", 0)), int(hdu.header.get("NAXIS1", 0)), limit)
             images = [Image(np.array(hdu.data), None, fits={"source": path, "index": i})  # BSCALE/BZERO applied
-                      for i, hdu in enumerate(hdus) if hdu.is_image and hdu.data is not None and hdu.data.ndim >= 2]
-    except OSError as err:
+                      for i, hdu in found if hdu.data is not None and hdu.data.ndim >= 2]
+    except ImageTooLarge:
+        raise
+    except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"cannot read {path.name}: {err}") from err
     if not images:
         raise ValueError(f"{path.name} has no image HDU with two or more axes")
@@ -188,11 +300,51 @@ def _write_fits(tmp: Path, image: Image) -> None:
         hdus.writeto(tmp, output_verify="silentfix")
 
 
+def partial_path(dest: Path, pid: int | None = None) -> Path:
+    """The temporary name a process writes ``dest`` under: hidden, beside it, with the process id."""
+    dest = Path(dest)
+    return dest.with_name(f".{dest.stem}.partial-{os.getpid() if pid is None else pid}{dest.suffix}")
+
+
+def remove_leftovers(dest: Path) -> list[Path]:
+    """Remove the temporary files (or zarr folders) of ``dest`` left by processes that died while
+    writing it (killed, power cut); those of running processes are left alone. Returns what was removed."""
+    import glob
+    import re
+    import shutil
+
+    dest = Path(dest)
+    pattern = re.compile(rf"\.{re.escape(dest.stem)}\.partial-(\d+){re.escape(dest.suffix)}")
+    removed = []
+    for path in dest.parent.glob(f".{glob.escape(dest.stem)}.partial-*"):
+        match = pattern.fullmatch(path.name)
+        if match is None or _running(int(match.group(1))):
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(path)
+        except FileNotFoundError:  # another run removed it first
+            pass
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists (on Windows, where this cannot be asked safely: assumed so)."""
+    if pid == os.getpid() or os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process (or an id no process can have)
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 @contextmanager
 def atomic_path(dest: Path):
-    """Yield a temporary path beside ``dest``; rename it to ``dest`` only on success."""
-    dest = Path(dest)
-    tmp = dest.with_name(f".{dest.stem}.partial-{os.getpid()}{dest.suffix}")
+    """Yield a temporary path beside ``dest`` (:func:`partial_path`); rename it to ``dest`` only on success."""
+    tmp = partial_path(dest)
     try:
         yield tmp
         os.replace(tmp, dest)
@@ -210,9 +362,11 @@ def write_image(path: str | Path, image: Image) -> None:
             import cv2
 
             params = [cv2.IMWRITE_JPEG_QUALITY, 95] if suffix in (".jpg", ".jpeg") else []
-            written = _write_photo(tmp, image, PHOTO_FORMATS.get(suffix, ""))
-            if not written and not cv2.imwrite(str(tmp), image.data, params):
-                raise ValueError(f"OpenCV could not write {path.name}")
+            if not _write_photo(tmp, image, PHOTO_FORMATS.get(suffix, "")):
+                ok, encoded = cv2.imencode(suffix, image.data, params)  # bytes: OpenCV never sees the file name
+                if not ok:
+                    raise ValueError(f"OpenCV could not write {path.name}")
+                tmp.write_bytes(encoded.tobytes())
         elif suffix in TIFF_SUFFIXES:
             _write_tiff(tmp, image)
         elif suffix in FITS_SUFFIXES:

@@ -61,6 +61,18 @@ def plan_axis(length: int, tile: int, overlap: int, multiple: int = 1) -> Axis:
     return Axis(length, tile, overlap, count)
 
 
+def fit_tile(tile: int, overlap: int, length: int, multiple: int = 1, least: int = 0) -> int:
+    """The largest tile worth using on an image whose longest side is ``length``: ``tile``, or less.
+
+    One tile covering the side with an overlap of up to the side itself at both ends
+    (beyond that, the reflected context is the image again) is the most any tile
+    can need; a larger one computes nothing more and costs memory. The cap is
+    rounded up to ``multiple`` and is never below ``least``.
+    """
+    need = -(-(length + 2 * min(overlap, length)) // multiple) * multiple
+    return min(tile, max(need, least))
+
+
 def ramp(overlap: int) -> np.ndarray:
     """Rising raised-cosine of ``overlap`` samples; ``ramp + ramp[::-1] == 1``."""
     t = (np.arange(overlap) + 0.5) / max(overlap, 1)

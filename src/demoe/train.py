@@ -124,6 +124,7 @@ class TrainConfig:
             raise ValueError(f"loss must be 'psnr' or 'l1', got {self.loss!r}")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
+        resolve_device(self.device)  # a device this machine lacks: one error naming those it has
         for name in ("width", "num_exp", "patch", "batch", "steps", "ckpt_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")

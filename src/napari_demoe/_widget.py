@@ -9,8 +9,10 @@ napari starts.
 
 from __future__ import annotations
 
+import atexit
 import sys
 import threading
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -140,6 +142,27 @@ def routing_text(info: dict) -> str:
     return "Detected:\n" + "\n".join(f"{TASK_LABELS[t]}: {p:.0%}" for t, p in ranked)
 
 
+#: Widgets alive, so that their workers are stopped and awaited when the process exits.
+_widgets: weakref.WeakSet[DeblurWidget] = weakref.WeakSet()
+
+
+def _await_workers(timeout_ms: int = 60000) -> None:
+    """Stop every widget's workers and wait for them before Qt's objects are torn down.
+
+    A worker still running at exit (importing torch, restoring tiles) would emit
+    on a deleted signal object, and PyQt aborts the process. Registered with
+    atexit when the first widget is made, so that it runs before the exit
+    handlers of Qt and napari, registered earlier.
+    """
+    running = [w for widget in list(_widgets) for w in widget._shutdown()]
+    if running:
+        from qtpy.QtCore import QThreadPool
+
+        pool = QThreadPool.globalInstance()
+        if pool is not None:
+            pool.waitForDone(timeout_ms)
+
+
 class DeblurWidget(Container):
     """Dock widget: pick an image layer, press Deblur, get "<name> deblurred"."""
 
@@ -147,6 +170,8 @@ class DeblurWidget(Container):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self.worker = None
+        self._device_worker = None
+        self._closed = False
         self._cancel = threading.Event()
         self._unit = "tiles"
 
@@ -195,8 +220,31 @@ class DeblurWidget(Container):
         self._progress_relay = _ProgressRelay()
         self._progress_relay.signal.connect(self._on_progress)
         self.native.setMaximumWidth(460)  # leave the canvas its room
+        # Closing napari deletes the widget's Qt side: stop the workers, and let nothing reach it after.
+        self.native.destroyed.connect(lambda *_: self._shutdown())
+        if not _widgets:
+            atexit.unregister(_await_workers)
+            atexit.register(_await_workers)
+        _widgets.add(self)
         self._refresh()
         self._find_devices()
+
+    def _shutdown(self) -> list:
+        """Cancel the running deblur and disconnect every signal that reaches this widget; returns its workers."""
+        if not self._closed:
+            self._closed = True
+            self._cancel.set()  # the progress callback raises Cancelled at the next tile batch or dask task
+            for event in ("inserted", "removed", "reordered"):
+                getattr(self.viewer.layers.events, event).disconnect(self._refresh)
+            for worker in (self.worker, self._device_worker):
+                if worker is not None:
+                    worker.quit()
+                    for signal in (worker.returned, worker.errored, worker.finished):
+                        try:
+                            signal.disconnect()
+                        except (TypeError, RuntimeError):  # nothing connected, or already deleted
+                            pass
+        return [w for w in (self.worker, self._device_worker) if w is not None]
 
     # -- state ---------------------------------------------------------------------
     def _image_layers(self, _widget=None):
@@ -205,6 +253,8 @@ class DeblurWidget(Container):
         return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
 
     def _refresh(self, *_):
+        if self._closed:
+            return
         self.layer.reset_choices()
         layer = self.layer.value
         busy = self.worker is not None
@@ -244,6 +294,8 @@ class DeblurWidget(Container):
         self._device_worker = worker
 
     def _set_devices(self, devices: list[str]):
+        if self._closed:
+            return
         self._devices = list(devices)
         self.device.reset_choices()
 
@@ -280,7 +332,7 @@ class DeblurWidget(Container):
         from napari.utils.notifications import show_error
 
         layer = self.layer.value
-        if layer is None or self.worker is not None:
+        if layer is None or self.worker is not None or self._closed:
             return
         try:
             settings = self.settings()
@@ -315,11 +367,15 @@ class DeblurWidget(Container):
             self.status.value = "Cancelling…"
 
     def _on_progress(self, done, total):
+        if self._closed:
+            return
         self.progress.max = max(total, 1)
         self.progress.value = done
         self.status.value = f"Deblurring: {done}/{total} {self._unit}"
 
     def _on_done(self, layer, settings, result):
+        if self._closed:
+            return
         out, info = result
         kwargs = result_layer_kwargs(layer, settings, info)
         name = kwargs.pop("name")
@@ -340,6 +396,8 @@ class DeblurWidget(Container):
         self.status.value = f"Done on {info['device']} in {info['seconds']:.1f} s"
 
     def _on_error(self, err):
+        if self._closed:
+            return
         from napari.utils.notifications import show_error, show_info
 
         if isinstance(err, Cancelled):
@@ -354,6 +412,8 @@ class DeblurWidget(Container):
         self.progress.value = 0
 
     def _on_finished(self):
+        if self._closed:
+            return
         self.worker = None
         self.cancel_button.enabled = False
         self._refresh()
