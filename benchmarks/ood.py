@@ -192,8 +192,8 @@ def tune(tuning: list[Case]) -> dict[str, dict[str, float]]:
     best = {}
     for family in FAMILIES:
         group = [c for c in tuning if c.family == family]
-        rl = [mean_psnr(group, lambda c: richardson_lucy(c.blurry, c.psf, n)) for n in RL_ITERATIONS]
-        wi = [mean_psnr(group, lambda c: wiener(c.blurry, c.psf, b)) for b in WIENER_BALANCES]
+        rl = [mean_psnr(group, lambda c, n=n: richardson_lucy(c.blurry, c.psf, n)) for n in RL_ITERATIONS]
+        wi = [mean_psnr(group, lambda c, b=b: wiener(c.blurry, c.psf, b)) for b in WIENER_BALANCES]
         best[family] = {"rl_iterations": RL_ITERATIONS[int(np.argmax(rl))],
                         "wiener_balance": WIENER_BALANCES[int(np.argmax(wi))]}
     return best
@@ -302,6 +302,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be at least 1, got {args.limit}")
+    check_file_options(parser, {"--out": None if args.out == "-" else args.out, "--json": args.json})
     model = load(parser, args.model, args.device)
 
     t0 = time.time()
@@ -319,7 +320,7 @@ def main(argv=None):
         "",
         f"Model: `{Path(str(getattr(model, 'source', 'default'))).name}` ({model.config}, k={model.k_used}). "
         f"Blur families that `demoe.degrade` never produces (see the docstring of `benchmarks/ood.py`) on "
-        f"{len(images)} {CROP} px crops of {', '.join(names)} (each blurred by every family), plus Gaussian "
+        f"{len(images)} crops of {CROP} px from {', '.join(names)} (each blurred by every family), plus Gaussian "
         f"noise sigma={NOISE}; seed = 100*image + family. Cells: PSNR (dB) / SSIM. demoe_expert: DeMoE forced "
         f"to the closest expert ({', '.join(f'{f}: {e}' for f, e in EXPERT.items())}). Richardson-Lucy and "
         f"Wiener get the true PSF and a reflect-padded image, with settings chosen per family by mean PSNR on "
@@ -349,6 +350,14 @@ def load(parser: argparse.ArgumentParser, path, device: str):
         return demoe.load_model(path, device=dev)
     except (OSError, ValueError) as err:
         parser.error(str(err))
+
+
+def check_file_options(parser: argparse.ArgumentParser, paths: dict) -> None:
+    """Refuse, before minutes of work, an output path that is a folder (option -> path or None)."""
+    for option, path in paths.items():
+        if path is not None and Path(path).is_dir():
+            parser.error(f"{option} {path} is a folder; give a file name (e.g. {Path(path) / 'report'}"
+                         f"{'.json' if option == '--json' else '.md'})")
 
 
 def device_name(device: str) -> str:
