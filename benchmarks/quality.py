@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from skimage import data, filters, metrics, restoration
+from skimage import data, filters
 
 import demoe
 from demoe.degrade import degrade
 from demoe.tasks import ENSEMBLES
+from _restore import crop, photo, richardson_lucy, scores, wiener
 
 IMAGES = ["astronaut", "camera", "coffee", "chelsea", "rocket", "immunohistochemistry"]
 CROP = 256
@@ -38,38 +39,9 @@ WIENER_BALANCE = 0.05
 METHODS = ["blurry", "demoe_auto", "demoe_true_task", "richardson_lucy", "wiener", "unsharp_mask"]
 
 
-def eval_images() -> dict[str, np.ndarray]:
-    """Central crops (float RGB in [0, 1]) of scikit-image's bundled photos."""
-    out = {}
-    for name in IMAGES:
-        img = getattr(data, name)()
-        if img.ndim == 2:
-            img = np.repeat(img[..., None], 3, axis=2)
-        img = img[..., :3].astype(np.float32) / 255.0
-        h, w = img.shape[:2]
-        y, x = (h - CROP) // 2, (w - CROP) // 2
-        out[name] = np.ascontiguousarray(img[y : y + CROP, x : x + CROP])
-    return out
-
-
-def per_channel(fn, image):
-    return np.stack([fn(image[..., c]) for c in range(image.shape[-1])], axis=-1)
-
-
-def deconvolve(method, image, psf):
-    """Richardson-Lucy or Wiener per channel, on a reflect-padded copy.
-
-    scikit-image's implementations assume zero (RL) or periodic (Wiener)
-    borders; without padding, border ringing dominates a 256 px crop.
-    """
-    pad = max(psf.shape)
-    padded = np.pad(image.astype(np.float64), ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    psf = psf.astype(np.float64)
-    if method == "richardson_lucy":
-        out = per_channel(lambda c: restoration.richardson_lucy(c, psf, num_iter=RL_ITERATIONS, clip=True), padded)
-    else:
-        out = per_channel(lambda c: restoration.wiener(c, psf, balance=WIENER_BALANCE, clip=True), padded)
-    return out[pad:-pad, pad:-pad]
+def eval_images(limit: int | None = None) -> dict[str, np.ndarray]:
+    """Central crops (float RGB in [0, 1]) of scikit-image's bundled photos (the first ``limit``)."""
+    return {name: crop(photo(name), CROP) for name in IMAGES[:limit]}
 
 
 def unsharp(image, sigma=2.0, amount=1.0):
@@ -82,30 +54,32 @@ def unsharp(image, sigma=2.0, amount=1.0):
     return image + amount * (image - blurred)
 
 
-def scores(restored, sharp):
-    restored = np.clip(restored, 0, 1)
-    psnr = metrics.peak_signal_noise_ratio(sharp, restored, data_range=1.0)
-    ssim = metrics.structural_similarity(sharp, restored, data_range=1.0, channel_axis=-1)
-    return psnr, ssim
+def run(model, seed0: int = 0, tlc: bool | int = True, ensemble: int = 1, *, device=None,
+        limit: int | None = None, classical: bool = True):
+    """Degrade every image by every task and restore it by every method.
 
-
-def run(model, seed0: int = 0, tlc: bool | int = True, ensemble: int = 1):
+    ``device`` goes to ``deblur()``; ``limit`` keeps the first images only and
+    ``classical=False`` leaves out the methods that do not depend on the model
+    (Richardson-Lucy, Wiener, unsharp masking), for a quick comparison of weights.
+    """
     rows = []  # (image, task, method, psnr, ssim, mean_ratio)
     routed = []  # (true task, detected task)
     pictures = {}
-    for i, (name, sharp) in enumerate(eval_images().items()):
+    for i, (name, sharp) in enumerate(eval_images(limit).items()):
         for t, task in enumerate(demoe.TASKS):
             pair = degrade(sharp, task, rng=seed0 + 100 * i + t, noise=NOISE)
             blurry = pair.blurry
             results = {"blurry": blurry}
-            auto, info = demoe.deblur(blurry, model=model, return_info=True, tlc=tlc, ensemble=ensemble)
+            auto, info = demoe.deblur(blurry, model=model, return_info=True, tlc=tlc, ensemble=ensemble, device=device)
             results["demoe_auto"] = auto
             routed.append((task, info["task"]))
-            results["demoe_true_task"] = demoe.deblur(blurry, task=task, model=model, tlc=tlc, ensemble=ensemble)
-            if pair.psf is not None and pair.psf.size > 1:
-                results["richardson_lucy"] = deconvolve("richardson_lucy", blurry, pair.psf)
-                results["wiener"] = deconvolve("wiener", blurry, pair.psf)
-            results["unsharp_mask"] = unsharp(blurry)
+            results["demoe_true_task"] = demoe.deblur(blurry, task=task, model=model, tlc=tlc, ensemble=ensemble,
+                                                      device=device)
+            if classical:
+                if pair.psf is not None and pair.psf.size > 1:
+                    results["richardson_lucy"] = richardson_lucy(blurry, pair.psf, RL_ITERATIONS)
+                    results["wiener"] = wiener(blurry, pair.psf, WIENER_BALANCE)
+                results["unsharp_mask"] = unsharp(blurry)
             for method, img in results.items():
                 p, s = scores(img, pair.sharp)
                 rows.append((name, task, method, p, s, float(np.mean(img) / max(np.mean(blurry), 1e-6))))
