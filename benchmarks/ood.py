@@ -341,7 +341,9 @@ def main(argv=None):
 
 
 def load(parser: argparse.ArgumentParser, path, device: str):
-    """The model at ``path`` (None: the packaged one) on ``device``, or one clear command-line error."""
+    """The model at ``path`` (None or "packaged": the packaged one) on ``device``, or one clear command-line error."""
+    if path == "packaged" and not Path(path).exists():
+        path = None
     try:
         dev = resolve_device(device)
         here = demoe.available_devices()
@@ -361,9 +363,7 @@ def check_file_options(parser: argparse.ArgumentParser, paths: dict) -> None:
 
 
 def device_name(device: str) -> str:
-    import torch
-
-    dev = torch.device(device)
+    dev = resolve_device(device)
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.machine()} CPU"
 
 

@@ -8,8 +8,8 @@ All in one run, on one device, with the packaged model (or a fresh one of ``--wi
   precision (fp32, bf16 autocast) and memory layout (NCHW, channels-last);
 * **data + step**: the two together, as ``demoe train --device-data`` runs them, for the
   fastest precision and layout;
-* on a CPU also the DataLoader path ``demoe train`` uses without ``--device-data`` (numpy
-  generators in ``--workers`` processes), for comparison.
+* with ``--loader``, also the DataLoader path ``demoe train`` uses without ``--device-data``
+  (numpy generators in ``--workers`` processes), for comparison.
 
 Patches/s are also given in 128 px patches (a 192 px patch counts 2.25). ``--pick`` ends
 the output with one line of ``demoe train`` options for the fastest precision and layout,
@@ -77,7 +77,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=120)
     parser.add_argument("--width", type=int, default=None, help="a fresh model of this width (default: packaged)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader processes for the CPU comparison")
+    parser.add_argument("--loader", action="store_true",
+                        help="also time the DataLoader path (numpy generators in worker processes)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader processes for --loader")
     parser.add_argument("--pick", action="store_true", help="end with the fastest options for demoe train")
     parser.add_argument("--out", default=None, help="also write the report here (Markdown)")
     args = parser.parse_args(argv)
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
 
     row(f"data + step, {'bf16' if amp else 'fp32'}, {'channels-last' if cl else 'NCHW'}",
         timed(full, device, args.steps), "as demoe train --device-data runs them")
-    if device.type == "cpu":
+    if args.loader:
         from demoe.train import training_batches
 
         cfg = TrainConfig(photos=list(args.photos), patch=args.patch, batch=args.batch, workers=args.workers,

@@ -101,3 +101,56 @@ def test_expert_slices_train_like_one_hot_weights():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="cover rows"):
         model(x, weights=one_hot(label, 5).float(), expert_slices=[(0, 0, 2), (2, 3, 6)])
+
+
+def _photos(folder, n=3):
+    """A few sharp photographs, big enough for 32 px patches and their margins."""
+    import cv2
+    from skimage import data
+
+    folder.mkdir()
+    for i, img in enumerate([data.astronaut(), data.coffee(), data.chelsea()][:n]):
+        cv2.imwrite(str(folder / f"p{i}.jpg"), np.ascontiguousarray(img[:200, :200, ::-1]))
+    return folder
+
+
+def test_the_gpu_round_runs_on_a_cpu(tmp_path):
+    """examples/training/gpu_round.sh end to end, cut down: speed check, training, shards, comparison."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out, run = tmp_path / "out", tmp_path / "run"
+    env = {**os.environ, "PYTHON": sys.executable, "ROUND_PHOTOS": str(_photos(tmp_path / "photos")),
+           "ROUND_RUN": str(run), "ROUND_PATCH": "32", "ROUND_BATCH": "5", "ROUND_SPEED_STEPS": "1",
+           "ROUND_QUICK": "1", "ROUND_SEED": "3"}
+    proc = subprocess.run(["bash", str(root / "examples/training/gpu_round.sh"), str(out), "--steps", "8",
+                           "--no-fit-to-time", "--patch", "32", "--batch", "5", "--log-every", "1"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert "round on no CUDA device" in log and "throughput:" in log and "| step alone" in log
+    shards = sorted(out.glob("model-part*.safetensors"))
+    assert len(shards) == 2 and all(p.stat().st_size <= 16 * 2**20 for p in shards)
+    joined = join_weights(shards, tmp_path / "joined.safetensors")
+    new, old = load_model(joined, device="cpu").state_dict(), load_model(device="cpu").state_dict()
+    assert any(not torch.equal(new[k], old[k]) for k in new)  # trained, from the packaged weights
+    result = json.loads((out / "compare.json").read_text())
+    assert result["verdict"].startswith(("ACCEPT", "REJECT")) and result["limit"] == 1
+    assert "OOD mean PSNR gain" in (out / "compare.md").read_text()
+    assert len(list(out.iterdir())) <= 8  # what a lease gives back
+
+
+def test_the_gpu_round_stops_at_once_without_photographs(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ROUND_PHOTOS": str(tmp_path / "none")}
+    proc = subprocess.run(["bash", str(root / "examples/training/gpu_round.sh"), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "prepare_photos.sh" in proc.stderr
+    assert not (tmp_path / "out").exists()

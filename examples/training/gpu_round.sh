@@ -24,7 +24,7 @@ init=${ROUND_INIT:-packaged}
 run=${ROUND_RUN:-runs/round}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-n=$(find "$photos" -maxdepth 1 -type f 2>/dev/null | wc -l)
+n=$( { find "$photos" -maxdepth 1 -type f 2>/dev/null || true; } | wc -l)
 if [ "$n" -lt 1 ]; then
   echo "gpu_round.sh: no photographs in $photos: run examples/training/prepare_photos.sh first" >&2
   exit 2
@@ -39,12 +39,19 @@ PY
 # Precision and layout: whichever trains fastest here (bf16 / fp32, channels-last / NCHW), timed
 # on the round's own batches (about 20 s on a GPU).
 fastest=$($py benchmarks/train_speed.py --photos "$photos" --pick --steps "${ROUND_SPEED_STEPS:-15}" \
-  --patch "${ROUND_PATCH:-192}" --batch "${ROUND_BATCH:-120}" 2>>"$out/train.log" | tee -a "$out/train.log" | tail -1)
+  --patch "${ROUND_PATCH:-192}" --batch "${ROUND_BATCH:-120}" 2>>"$out/train.log" | tee -a "$out/train.log" | tail -1) \
+  || fastest=""
+case $fastest in --amp*) ;; *) fastest="" ;; esac  # no verdict: the config file's settings
 # shellcheck disable=SC2086
 $py -m demoe train --config examples/training/gpu_round.toml --photos "$photos" --init "$init" $fastest \
   --time-limit "${ROUND_MINUTES:-5}" --seed "${ROUND_SEED:-$(date +%Y%m%d)}" --out "$run" --no-progress "$@" \
   2>&1 | tee -a "$out/train.log"
-$py benchmarks/compare_weights.py --old "$init" --new "$run/model.safetensors" --device auto \
-  --out "$out/compare.md" --json "$out/compare.json" ${ROUND_QUICK:+--quick} 2>&1 | tee -a "$out/train.log"
 $py -m demoe.checkpoint split "$run/model.safetensors" "$out" --max-mib 15
+# The comparison last, and allowed to fail: the weights are safe in OUT already, and
+# benchmarks/compare_weights.py can be rerun on any machine.
+if ! $py benchmarks/compare_weights.py --old "$init" --new "$run/model.safetensors" --device auto \
+  --json "$out/compare.json" ${ROUND_QUICK:+--limit 1} > "$out/compare.md" 2>>"$out/train.log"; then
+  echo "gpu_round.sh: the comparison failed (see train.log); rerun benchmarks/compare_weights.py" >&2
+fi
+cat "$out/compare.md"
 ls -l "$out"

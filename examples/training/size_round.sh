@@ -15,7 +15,7 @@ shift
 py=${PYTHON:-python3}
 photos=${ROUND_PHOTOS:-data/round/photos}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if [ "$(find "$photos" -maxdepth 1 -type f 2>/dev/null | wc -l)" -lt 1 ]; then
+if [ "$( { find "$photos" -maxdepth 1 -type f 2>/dev/null || true; } | wc -l)" -lt 1 ]; then
   echo "size_round.sh: no photographs in $photos: run examples/training/prepare_photos.sh first" >&2
   exit 2
 fi
