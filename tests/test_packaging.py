@@ -58,3 +58,41 @@ def test_installed_napari_manifest_validates():
     widgets = [w.command for w in manifest.contributions.widgets]
     samples = [s.key for s in manifest.contributions.sample_data]
     assert widgets == ["napari-demoe.deblur_widget"] and len(samples) == 4
+
+
+def _weights_header() -> dict:
+    import json
+
+    from safetensors import safe_open
+
+    from demoe.checkpoint import default_weights_path
+
+    with safe_open(str(default_weights_path()), "np") as f:
+        return {k: json.loads(v) for k, v in f.metadata().items() if k != "format"}
+
+
+def test_packaged_weights_state_their_licence_and_training_data():
+    header = _weights_header()
+    assert header["license"] == PYPROJECT["project"]["license"] == "MIT"
+    photos = header["training_data"]["photographs"]
+    assert [p["package"] for p in photos] == ["plasma-workspace-wallpapers", "mate-backgrounds", "ukui-wallpapers",
+                                              "opencv-doc"]
+    assert sum(p["images"] for p in photos) == header["training"]["photos"] == 71  # the training record agrees
+    assert {p["license"] for p in photos} == {"GPL-2.0-or-later", "CC-BY-SA-3.0", "Apache-2.0 AND BSD-3-Clause"}
+    note = header["license_note"]
+    assert "not settled in law" in note and "not legal advice" in note and "share-alike" in note
+    # the same packages and licences in the repository's record
+    record = (ROOT / "docs" / "training-data.md").read_text(encoding="utf-8")
+    for p in photos:
+        assert f"| {p['package']} {p['version']} | {p['images']}" in record and p["license"] in record
+
+
+def test_demoe_info_prints_the_licence(capsys):
+    from demoe import cli
+
+    assert cli.main(["info"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "licence: MIT" in out
+    assert "30 from plasma-workspace-wallpapers 4:5.27.5-2 (GPL-2.0-or-later)" in out
+    assert "9 from ukui-wallpapers 20.04.3-1.1 (CC-BY-SA-3.0)" in out
+    assert "This is not legal advice." in out

@@ -258,10 +258,28 @@ def run_info(args: argparse.Namespace) -> int:
     convention = meta.get("input_convention")
     print("  input convention: " + (json.dumps(convention) if convention else
                                     "not recorded in the file (published DeMoE: RGB in [0, 1], float32)"))
+    for line in _licence_lines(meta):
+        print("  " + line)
     for stage in training_stages(record):
         for line in _stage_lines(stage):
             print("  " + line)
     return 0
+
+
+def _licence_lines(meta: dict) -> list[str]:
+    """The weights' licence, what they were trained on, and what that implies (when the file says)."""
+    import textwrap
+
+    lines = [f"licence: {meta['license']}"] if meta.get("license") else []
+    data = meta.get("training_data")
+    if isinstance(data, dict):
+        sources = [f"{p['images']} from {p['package']} {p['version']} ({p['license']})"
+                   for p in data.get("photographs", [])]
+        lines += textwrap.wrap("trained on photographs: " + "; ".join(sources) + f"; {data.get('generated', '')}",
+                               width=100, subsequent_indent="  ")
+    if meta.get("license_note"):
+        lines += textwrap.wrap(f"licence note: {meta['license_note']}", width=100, subsequent_indent="  ")
+    return lines
 
 
 def _stage_lines(record: dict) -> list[str]:
