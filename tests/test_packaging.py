@@ -96,3 +96,26 @@ def test_demoe_info_prints_the_licence(capsys):
     assert "30 from plasma-workspace-wallpapers 4:5.27.5-2 (GPL-2.0-or-later)" in out
     assert "9 from ukui-wallpapers 20.04.3-1.1 (CC-BY-SA-3.0)" in out
     assert "This is not legal advice." in out
+
+
+def _schema_check(schema: str, path: Path) -> None:
+    """Validate ``path`` against one of check-jsonschema's bundled schemas (no network)."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", schema, str(path)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_citation_file_is_valid_and_cites_software_and_paper():
+    import yaml
+
+    _schema_check("vendor.citation-file-format", ROOT / "CITATION.cff")
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    assert cff["type"] == "software" and cff["version"] == demoe.__version__
+    assert cff["license"] == PYPROJECT["project"]["license"]
+    assert cff["repository-code"] == PYPROJECT["project"]["urls"]["Source Code"]
+    (paper,) = [r for r in cff["references"] if r["type"] == "article"]
+    assert paper["title"] == "Towards Unified Image Deblurring using a Mixture-of-Experts Decoder"
+    assert paper["doi"] == "10.48550/arXiv.2508.06228"
+    assert [a["family-names"] for a in paper["authors"]] == ["Feijoo", "Garrido-Mellado", "Rim", "Garcia", "Conde"]
