@@ -116,7 +116,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
-                state_dict = {k: f.get_tensor(k) for k in f.keys()}
+                state_dict = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
         metadata = {k: _decode(v) for k, v in header.items() if k != "format"}
