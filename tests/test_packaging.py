@@ -119,3 +119,45 @@ def test_citation_file_is_valid_and_cites_software_and_paper():
     assert paper["title"] == "Towards Unified Image Deblurring using a Mixture-of-Experts Decoder"
     assert paper["doi"] == "10.48550/arXiv.2508.06228"
     assert [a["family-names"] for a in paper["authors"]] == ["Feijoo", "Garrido-Mellado", "Rim", "Garcia", "Conde"]
+
+
+def test_lint_is_pinned_once_for_ci_and_pre_commit():
+    import yaml
+
+    lint = (ROOT / ".ci" / "lint").read_text(encoding="utf-8")
+    version = re.search(r"^RUFF_VERSION=(\S+)$", lint, re.M).group(1)
+    hooks = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text(encoding="utf-8"))["repos"]
+    (ruff,) = [h for h in hooks if h["repo"].endswith("/ruff-pre-commit")]
+    assert ruff["rev"] == f"v{version}" and [h["id"] for h in ruff["hooks"]] == ["ruff"]
+    assert "ruff check" in lint and "--fix" not in lint  # CI checks, it does not rewrite
+    selected = PYPROJECT["tool"]["ruff"]["lint"]["select"]
+    assert selected == ["E", "F", "W", "UP", "I", "BLE", "B", "A", "C4", "ISC", "G", "PIE", "SIM"]  # the template's
+    run = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    for script in ("bash .ci/lint", "bash .ci/check-wheel", "bash .ci/check-sdist"):
+        assert script in run, script
+
+
+def _conformance_run(tests: Path, cwd: Path, **env):
+    """Run one conformance test of the ``tests`` folder in a fresh pytest with the given environment."""
+    import os
+    import subprocess
+
+    environ = {k: v for k, v in os.environ.items() if k != "DEMOE_CONFORMANCE"} | env
+    test = str(tests / "test_model.py") + "::test_conformance_architecture_read_from_checkpoint"
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", test],
+                          capture_output=True, text=True, cwd=cwd, env=environ)
+
+
+def test_conformance_tests_skip_without_their_data_and_fail_when_it_is_named_but_missing(tmp_path):
+    import shutil
+
+    missing = _conformance_run(ROOT / "tests", tmp_path, DEMOE_CONFORMANCE=str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "DEMOE_CONFORMANCE names no conformance data" in missing.stdout
+    # A copy of the tests with no shared/ beside it, as in an unpacked sdist or on GitHub's runners
+    # (which set CI=true: that alone does not demand the data).
+    bare = tmp_path / "sdist" / "tests"
+    shutil.copytree(ROOT / "tests", bare, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "sdist" / "pyproject.toml").write_text("[tool.pytest.ini_options]\n")
+    skipped = _conformance_run(bare, tmp_path / "sdist", CI="true")
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout and "conformance data not found" in \
+        skipped.stdout, skipped.stdout
