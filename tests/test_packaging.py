@@ -161,3 +161,33 @@ def test_conformance_tests_skip_without_their_data_and_fail_when_it_is_named_but
     skipped = _conformance_run(bare, tmp_path / "sdist", CI="true")
     assert skipped.returncode == 0 and "1 skipped" in skipped.stdout and "conformance data not found" in \
         skipped.stdout, skipped.stdout
+
+
+def test_github_workflow_is_valid_and_runs_the_platforms_tox_declares():
+    import configparser
+
+    import yaml
+
+    path = ROOT / ".github" / "workflows" / "test_and_deploy.yml"
+    _schema_check("vendor.github-workflows", path)
+    jobs = yaml.safe_load(path.read_text(encoding="utf-8"))["jobs"]
+    tox = configparser.ConfigParser()
+    tox.read(ROOT / "tox.ini")
+    platforms = dict(line.split(": ") for line in tox["gh-actions:env"]["PLATFORM"].strip().splitlines())
+    pythons = dict(line.split(": ") for line in tox["gh-actions"]["python"].strip().splitlines())
+    matrix = jobs["test"]["strategy"]["matrix"]
+    assert set(matrix["platform"]) == set(platforms) == {"ubuntu-latest", "windows-latest", "macos-latest"}
+    classified = {c.rsplit(" ", 1)[1] for c in PYPROJECT["project"]["classifiers"]
+                  if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)}
+    assert set(matrix["python-version"]) == set(pythons) == classified == {"3.10", "3.11", "3.12"}
+    steps = jobs["test"]["steps"]
+    (tox_step,) = [s for s in steps if "tox" in str(s.get("with", {}).get("run", ""))]
+    assert tox_step["uses"].startswith("aganders3/headless-gui@")  # a virtual display for Qt, as the template
+    assert tox_step["env"]["PLATFORM"] == "${{ matrix.platform }}"
+    assert [s["run"] for s in jobs["wheel"]["steps"] if "run" in s] == ["bash .ci/check-wheel"]
+    assert [s["run"] for s in jobs["lint"]["steps"] if "run" in s] == ["bash .ci/lint"]
+    deploy = jobs["deploy"]
+    assert set(deploy["needs"]) == {"lint", "test", "wheel"} and deploy["if"] == "startsWith(github.ref, 'refs/tags/v')"
+    assert deploy["permissions"]["id-token"] == "write"  # trusted publishing: no stored token
+    assert deploy["steps"][-1]["uses"] == "pypa/gh-action-pypi-publish@release/v1"
+    assert "secrets." not in path.read_text(encoding="utf-8")
