@@ -11,6 +11,7 @@ and shapes, never hard-coded.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from importlib import resources
@@ -268,5 +269,17 @@ def save_model(model: DeMoE, path: str | Path, **metadata: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=header)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; a saved model is an ordinary file
     tmp.replace(path)
     return path
+
+
+def _umask() -> int:
+    """The process's file-creation mask."""
+    try:  # Linux: read without changing it, so other threads never see another mask
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^Umask:\s*([0-7]+)", status, re.M).group(1), 8)
+    except (OSError, AttributeError):
+        mask = os.umask(0o022)  # elsewhere: set it and put it back
+        os.umask(mask)
+        return mask

@@ -172,7 +172,9 @@ def run_deblur(args: argparse.Namespace) -> int:
                   tile_size=args.tile_size, overlap=args.overlap, ensemble=args.ensemble, routing=args.routing,
                   preserve_mean=True if args.preserve_mean else None, nan_policy=args.nan_policy)
     failed = skipped = 0
-    bar = tqdm(plan, unit="image", desc="images", disable=args.quiet)
+    # Bars on a terminal only (or with --progress): in a log they are fragments and escape codes.
+    bars = not args.quiet and (args.progress or sys.stderr.isatty())
+    bar = tqdm(plan, unit="image", desc="images", disable=not bars)
     for src, dest in bar:
         if dest.exists() and not args.overwrite:
             tqdm.write(f"{src}: skipped, {dest} exists (use --overwrite)")
@@ -186,10 +188,10 @@ def run_deblur(args: argparse.Namespace) -> int:
                 if args.preserve_mean:
                     raise ValueError("--preserve-mean is not available for zarr stores (it needs each whole "
                                      "plane in memory)")
-                info = _deblur_zarr(src, dest, kwargs, quiet=args.quiet)
+                info = _deblur_zarr(src, dest, kwargs, quiet=not bars)
             else:
                 img = read_image(src)
-                tiles = tqdm(total=0, unit="tile", desc=src.name, leave=False, disable=args.quiet)
+                tiles = tqdm(total=0, unit="tile", desc=src.name, leave=False, disable=not bars)
 
                 def report(done, total, tiles=tiles):
                     tiles.total = total
@@ -300,7 +302,8 @@ def _stage_lines(record: dict) -> list[str]:
 
 
 # -- entry point -------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train: bool = True) -> argparse.ArgumentParser:
+    """The ``demoe`` parser; ``train=False`` leaves out the trainer's options (and torch, which they import)."""
     parser = argparse.ArgumentParser(prog="demoe", description="All-in-one image deblurring with DeMoE.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -331,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     d.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--progress", action="store_true",
+                   help="progress bars even when stderr is not a terminal (default: on a terminal only; "
+                        "a log gets one line per file either way)")
     d.set_defaults(func=run_deblur)
 
     i = sub.add_parser("info", help="versions, devices and a model's config and training record")
@@ -338,16 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file or training run folder (default: the packaged model)")
     i.set_defaults(func=run_info)
 
-    from .train import build_parser as train_parser
-
     t = sub.add_parser("train", help="train or fine-tune a model", description="Train or fine-tune DeMoE.")
-    train_parser(t)
+    if train:
+        from .train import build_parser as train_parser
+
+        train_parser(t)
     t.set_defaults(func=lambda a: __import__("demoe.train", fromlist=["train"]).run_from_args(a))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The trainer's options come with torch: only `demoe train ...` builds them, so that
+    # `demoe --help` and `demoe deblur --help` answer at once.
+    args = build_parser(train=bool(argv) and argv[0] == "train").parse_args(argv)
     if getattr(args, "device", None) == "auto":
         args.device = None
     try:
