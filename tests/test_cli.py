@@ -352,7 +352,7 @@ def test_zarr_in_zarr_out(tmp_path, identity_model, monkeypatch, capsys):
     img = np.random.default_rng(0).integers(0, 4000, (64, 48), dtype=np.uint16)
     da.from_array(img, chunks=(32, 24)).to_zarr(str(tmp_path / "big.zarr"))
     rc = cli.main(["deblur", str(tmp_path / "big.zarr"), "-o", str(tmp_path / "out"),
-                   "--tile-size", "16", "--overlap", "4"])
+                   "--tile-size", "16", "--overlap", "4", "--progress"])  # bars: captured stderr is no terminal
     assert rc == 0
     assert re.search(r"big\.zarr: +\d+%.*\d+/\d+ \[.*task/s", capsys.readouterr().err)  # progress as dask computes
     out = zarr.open(str(tmp_path / "out" / "big_deblurred.zarr"), mode="r")

@@ -13,7 +13,8 @@ def _modules_after(statement: str) -> set[str]:
 def test_demoe_imports_no_gui():
     mods = _modules_after("import demoe; demoe.deblur; import demoe.cli, demoe.train, demoe.files")
     assert "torch" in mods and "demoe.api" in mods  # the check itself works
-    assert not {m for m in mods if m.split(".")[0] in {"napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui"}}
+    gui = {"napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui"}
+    assert not {m for m in mods if m.split(".")[0] in gui}
 
 
 def test_napari_demoe_imports_no_torch():
@@ -25,3 +26,16 @@ def test_napari_demoe_imports_no_torch():
 def test_degradations_need_no_torch():
     mods = _modules_after("import demoe.degrade")
     assert "demoe.degrade" in mods and "torch" not in mods
+
+
+def test_command_help_does_not_import_torch():
+    """`demoe --help` and `demoe deblur --help` answer at once: torch (a second or more) is left alone."""
+    for argv in (["--help"], ["deblur", "--help"], ["info", "--help"]):
+        code = (f"import sys\nfrom demoe.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as e:\n"
+                f"    assert e.code == 0\nprint('torch' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert "usage: demoe" in out and out.split()[-1] == "False", (argv, out)
+    # `demoe train --help` does need the trainer, and describes its options
+    code = "import sys\nfrom demoe.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "--time-limit" in out

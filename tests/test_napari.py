@@ -9,9 +9,14 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from napari_demoe import _sample_data  # noqa: E402
-from napari_demoe._widget import (DeblurSettings, DeblurWidget, _models, deblur_layer_data,  # noqa: E402
-                                  result_layer_kwargs, routing_text)
+from napari_demoe._widget import (  # noqa: E402
+    DeblurSettings,
+    DeblurWidget,
+    _models,
+    deblur_layer_data,
+    result_layer_kwargs,
+    routing_text,
+)
 
 
 @pytest.fixture
@@ -36,7 +41,8 @@ def test_plain_function_rgb_and_plane(use_model, identity_ckpt):
     rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     out, info = deblur_layer_data(rgb, rgb=True, settings=DeblurSettings())
     assert out.shape == rgb.shape and out.dtype == np.uint8
-    assert set(info["probabilities"]) == {"defocus", "global_motion", "local_motion", "synth_global_motion", "low_light"}
+    assert set(info["probabilities"]) == {"defocus", "global_motion", "local_motion", "synth_global_motion",
+                                          "low_light"}
     stack = np.random.default_rng(1).integers(0, 4096, (3, 30, 40), dtype=np.uint16)
     plane, _ = deblur_layer_data(stack, rgb=False, settings=DeblurSettings(plane=(1,), checkpoint=identity_ckpt))
     np.testing.assert_array_equal(plane, stack[1])

@@ -11,6 +11,7 @@ and shapes, never hard-coded.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from importlib import resources
@@ -144,7 +145,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
-                state_dict = {k: f.get_tensor(k) for k in f.keys()}
+                state_dict = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
         metadata = {k: _decode(v) for k, v in header.items() if k != "format"}
@@ -330,19 +331,36 @@ def save_model(model: DeMoE, path: str | Path, **metadata: Any) -> Path:
     Every metadata value must be JSON-serialisable; it is stored in the file's
     header and returned by :func:`load_model` as ``model.metadata``.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     header = {k: json.dumps(v) for k, v in getattr(model, "metadata", {}).items()}
     header.update({k: json.dumps(v) for k, v in metadata.items()})
     header[_CONFIG_KEY] = json.dumps(model.config)
     header[_TOP_K_KEY] = json.dumps(model.k_used)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    return _write_safetensors(tensors, path, header)
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> Path:
+    """Write atomically (a temporary file, then a rename) with ordinary permissions."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=header)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; a saved model is an ordinary file
     tmp.replace(path)
     return path
+
+
+def _umask() -> int:
+    """The process's file-creation mask."""
+    try:  # Linux: read without changing it, so other threads never see another mask
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^Umask:\s*([0-7]+)", status, re.M).group(1), 8)
+    except (OSError, AttributeError):
+        mask = os.umask(0o022)  # elsewhere: set it and put it back
+        os.umask(mask)
+        return mask
 
 
 # -- shards: weights in pieces small enough to travel -------------------------------------
@@ -357,7 +375,6 @@ def split_weights(path: str | Path, folder: str | Path, max_bytes: int = 15 * 2*
     bit for bit. (A GPU round's results come back in files of limited size.)
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     path, folder = Path(path), Path(folder)
     with safe_open(str(path), framework="pt") as f:
@@ -378,15 +395,13 @@ def split_weights(path: str | Path, folder: str | Path, max_bytes: int = 15 * 2*
     written = []
     for k, group in enumerate(groups, 1):
         dest = folder / f"{path.stem}-part{k}of{len(groups)}.safetensors"
-        save_file(group, str(dest), metadata={**header, _SHARD_KEY: f"{k}/{len(groups)}"})
-        written.append(dest)
+        written.append(_write_safetensors(group, dest, {**header, _SHARD_KEY: f"{k}/{len(groups)}"}))
     return written
 
 
 def join_weights(shards: list[str | Path], dest: str | Path) -> Path:
     """Join the shards of :func:`split_weights` into one safetensors file (all of them, any order)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     headers, parts = [], set()
@@ -405,12 +420,7 @@ def join_weights(shards: list[str | Path], dest: str | Path) -> Path:
         raise CheckpointError(f"shards do not make one whole: got parts {sorted(parts)}")
     if any(h != headers[0] for h in headers):
         raise CheckpointError("shards come from different files: their headers differ")
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=headers[0])
-    tmp.replace(dest)
-    return dest
+    return _write_safetensors(tensors, Path(dest), headers[0])
 
 
 def main(argv: list[str] | None = None) -> int:

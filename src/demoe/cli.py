@@ -268,7 +268,7 @@ def run_deblur(args: argparse.Namespace) -> int:
                   tile_size=args.tile_size, overlap=args.overlap, ensemble=args.ensemble, routing=args.routing,
                   preserve_mean=True if args.preserve_mean else None, nan_policy=args.nan_policy)
     failed = skipped = 0
-    bar = tqdm(plan, unit="image", desc="images", disable=args.quiet)
+    bar = tqdm(plan, unit="image", desc="images", disable=not _bars(args))
     for src, dest in bar:
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:  # shown as this file's lines
@@ -324,10 +324,10 @@ def _deblur_file(src: Path, dest: Path, args: argparse.Namespace, kwargs: dict) 
         if args.preserve_mean:
             raise ValueError("--preserve-mean is not available for zarr stores (it needs each whole "
                              "plane in memory)")
-        info = _deblur_zarr(src, dest, kwargs, quiet=args.quiet, max_pixels=args.max_pixels)
+        info = _deblur_zarr(src, dest, kwargs, quiet=not _bars(args), max_pixels=args.max_pixels)
     else:
         img = read_image(src, max_pixels=args.max_pixels)
-        tiles = tqdm(total=0, unit="tile", desc=src.name, leave=False, disable=args.quiet)
+        tiles = tqdm(total=0, unit="tile", desc=src.name, leave=False, disable=not _bars(args))
 
         def report(done, total, tiles=tiles):
             tiles.total = total
@@ -391,10 +391,17 @@ def run_info(args: argparse.Namespace) -> int:
     convention = meta.get("input_convention")
     print("  input convention: " + (json.dumps(convention) if convention else
                                     "not recorded in the file (published DeMoE: RGB in [0, 1], float32)"))
+    for line in _licence_lines(meta):
+        print("  " + line)
     for stage in training_stages(record):
         for line in _stage_lines(stage):
             print("  " + line)
     return 0
+
+
+def _bars(args: argparse.Namespace) -> bool:
+    """Progress bars on a terminal only (or with --progress): in a log they are fragments and escape codes."""
+    return not args.quiet and (args.progress or sys.stderr.isatty())
 
 
 def _speed(session: dict) -> str:
@@ -405,6 +412,22 @@ def _speed(session: dict) -> str:
     gpu = session.get("gpu_util_mean")
     busy = f", GPU busy {gpu:.0f} %" if isinstance(gpu, (int, float)) else ""
     return f", {numbers[0]:.0f} patches/s ({numbers[1]:.2f} steps/s{busy})"
+
+
+def _licence_lines(meta: dict) -> list[str]:
+    """The weights' licence, what they were trained on, and what that implies (when the file says)."""
+    import textwrap
+
+    lines = [f"licence: {meta['license']}"] if meta.get("license") else []
+    data = meta.get("training_data")
+    if isinstance(data, dict):
+        sources = [f"{p['images']} from {p['package']} {p['version']} ({p['license']})"
+                   for p in data.get("photographs", [])]
+        lines += textwrap.wrap("trained on photographs: " + "; ".join(sources) + f"; {data.get('generated', '')}",
+                               width=100, subsequent_indent="  ")
+    if meta.get("license_note"):
+        lines += textwrap.wrap(f"licence note: {meta['license_note']}", width=100, subsequent_indent="  ")
+    return lines
 
 
 def _stage_lines(record: dict) -> list[str]:
@@ -446,7 +469,8 @@ def _count_arg(least: int):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train: bool = True) -> argparse.ArgumentParser:
+    """The ``demoe`` parser; ``train=False`` leaves out the trainer's options (and torch, which they import)."""
     parser = argparse.ArgumentParser(prog="demoe", description="All-in-one image deblurring with DeMoE.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -481,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     d.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--progress", action="store_true",
+                   help="progress bars even when stderr is not a terminal (default: on a terminal only; "
+                        "a log gets one line per file either way)")
     d.set_defaults(func=run_deblur)
 
     i = sub.add_parser("info", help="versions, devices and a model's config and training record")
@@ -488,16 +515,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file or training run folder (default: the packaged model)")
     i.set_defaults(func=run_info)
 
-    from .train import build_parser as train_parser
-
     t = sub.add_parser("train", help="train or fine-tune a model", description="Train or fine-tune DeMoE.")
-    train_parser(t)
+    if train:
+        from .train import build_parser as train_parser
+
+        train_parser(t)
     t.set_defaults(func=lambda a: __import__("demoe.train", fromlist=["train"]).run_from_args(a))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The trainer's options come with torch: only `demoe train ...` builds them, so that
+    # `demoe --help` and `demoe deblur --help` answer at once.
+    args = build_parser(train=bool(argv) and argv[0] == "train").parse_args(argv)
     for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 are shown escaped, not a crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")

@@ -553,7 +553,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"demoe train: error: {err}", file=sys.stderr)
         return 2
     try:
-        path = train(cfg, progress=not args.no_progress)
+        path = train(cfg, progress=not args.no_progress and sys.stderr.isatty())  # a log gets plain lines
     except KeyboardInterrupt:  # train() saved last.pt and said how to resume
         return 130
     print(f"wrote {path}")

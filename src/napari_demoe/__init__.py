@@ -4,4 +4,9 @@ Importing this package never imports torch: the widget imports :mod:`demoe`
 (and with it torch) only when it first runs.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # the version is written once, as demoe.__version__, and read by the build
+    __version__ = version("napari-demoe")
+except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "unknown"

@@ -17,8 +17,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, Label, ProgressBar, PushButton,
-                              RadioButtons, SpinBox)
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    ProgressBar,
+    PushButton,
+    RadioButtons,
+    SpinBox,
+)
 
 from demoe.tasks import ENSEMBLES, TASK_LABELS, TASKS
 
@@ -211,7 +220,8 @@ class DeblurWidget(Container):
 
         self.model.changed.connect(lambda v: setattr(self.checkpoint, "visible", v == CHECKPOINT))
         self.advanced.changed.connect(self._toggle_advanced)
-        self.auto_tiles.changed.connect(lambda v: [setattr(w, "enabled", not v) for w in (self.tile_size, self.overlap)])
+        self.auto_tiles.changed.connect(
+            lambda v: [setattr(w, "enabled", not v) for w in (self.tile_size, self.overlap)])
         self.layer.changed.connect(self._refresh)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
