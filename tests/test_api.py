@@ -161,8 +161,8 @@ def test_ensemble_averages_the_restored_flips_and_transposes(tiny_model):
         (np.zeros((4, 4)), {"batch_size": float("inf")}, ValueError, "batch_size must be a positive integer, got inf"),
         (np.zeros((4, 4)), {"streams": float("nan")}, ValueError, "streams must be a positive integer, got nan"),
         (np.zeros((4, 4)), {"tile_size": True}, ValueError, "tile_size must be an integer >= 4 .*got True"),
-        (np.zeros((3, 4, 4)), {"channel_axis": True}, ValueError, "channel_axis must be an axis number, None or 'auto', "
-                                                                  "got True"),
+        (np.zeros((3, 4, 4)), {"channel_axis": True}, ValueError,
+         "channel_axis must be an axis number, None or 'auto', got True"),
         (np.zeros((4, 4)), {"normalize": (np.nan, 1)}, ValueError, r"needs finite numbers with low < high, got \(nan"),
         (np.zeros((4, 4)), {"normalize": (1, 0)}, ValueError, r"needs finite numbers with low < high, got \(1, 0\)"),
         (np.zeros((4, 4)), {"normalize": (0, 1, 2)}, ValueError, r"takes two numbers, got \(0, 1, 2\)"),

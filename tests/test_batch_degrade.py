@@ -6,8 +6,18 @@ import torch
 from skimage import data, metrics
 
 from demoe import degrade
-from demoe.batch_degrade import (KERNEL, BatchGenerators, DeviceBatches, RandomDraws, disk_psfs, fft_convolve, jpeg,
-                                 shake_trajectories, soft_masks, splat)
+from demoe.batch_degrade import (
+    KERNEL,
+    BatchGenerators,
+    DeviceBatches,
+    RandomDraws,
+    disk_psfs,
+    fft_convolve,
+    jpeg,
+    shake_trajectories,
+    soft_masks,
+    splat,
+)
 
 
 def _centre(psf: np.ndarray, size: int = KERNEL) -> np.ndarray:
@@ -83,7 +93,7 @@ def test_batches_shape_range_labels_and_seeds(photos):
     stream = DeviceBatches(photos, patch=32, batch=12, seed=3, bank=32, leaves=1)
     blurry, sharp, label = stream.sample()
     assert blurry.shape == sharp.shape == (12, 3, 32, 32) and blurry.dtype == torch.float32
-    assert 0 <= float(blurry.min()) and float(blurry.max()) <= 1 and 0 <= float(sharp.min()) and float(sharp.max()) <= 1
+    assert float(blurry.min()) >= 0 and float(blurry.max()) <= 1 and float(sharp.min()) >= 0 and float(sharp.max()) <= 1
     assert label.tolist() == sorted(label.tolist())  # grouped by task: one slice per expert
     assert np.bincount(label.numpy(), minlength=5).tolist() == [3, 3, 2, 2, 2]
     again = DeviceBatches(photos, patch=32, batch=12, seed=3, bank=32, leaves=1).sample()

@@ -24,7 +24,7 @@ def test_device_data_training_runs_resumes_and_records_its_speed(tmp_path, capsy
     record = json.loads(safe_open(str(out / "model.safetensors"), "pt").metadata()["training"])
     session = record["sessions"][-1]
     assert session["end_step"] == 8 and session["patches_per_s"] > 0
-    assert session["patches_per_s"] == pytest.approx(session["steps_per_s"] * 5, rel=0.01)
+    assert session["patches_per_s"] == pytest.approx(session["steps_per_s"] * 5, abs=0.06)  # both rounded
     assert record["config"]["device_data"] is True
     before = load_model(out / "model.safetensors", device="cpu").state_dict()
     assert train_main([*args, "--steps", "12"]) == 0  # a rerun resumes at step 8
@@ -37,6 +37,8 @@ def test_device_data_training_runs_resumes_and_records_its_speed(tmp_path, capsy
 @pytest.mark.parametrize("extra, message", [
     (["--psf", "x.tif:defocus"], "--device-data makes synthetic pairs"),
     (["--patch", "40"], "multiple of 16"),
+    (["--data-manifest", "x.tif"], "expected a TSV with columns package, version and licence"),
+    (["--data-manifest", "missing.tsv"], "cannot read missing.tsv"),
 ])
 def test_device_data_refuses_what_it_cannot_do(tmp_path, capsys, extra, message):
     (tmp_path / "x.tif").write_bytes(b"")
@@ -55,7 +57,7 @@ def test_weights_split_into_shards_and_join_bit_for_bit(tmp_path):
     joined = join_weights(list(reversed(shards)), tmp_path / "joined.safetensors")
     with safe_open(str(source), "pt") as a, safe_open(str(joined), "pt") as b:
         assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
-        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118 - safe_open is no dict
     with pytest.raises(CheckpointError, match="do not make one whole"):
         join_weights(shards[:2], tmp_path / "partial.safetensors")
     with pytest.raises(CheckpointError, match="not a shard"):
@@ -137,6 +139,11 @@ def test_the_gpu_round_runs_on_a_cpu(tmp_path):
     joined = join_weights(shards, tmp_path / "joined.safetensors")
     new, old = load_model(joined, device="cpu").state_dict(), load_model(device="cpu").state_dict()
     assert any(not torch.equal(new[k], old[k]) for k in new)  # trained, from the packaged weights
+    header = {k: json.loads(v) for k, v in safe_open(str(joined), "pt").metadata().items()}
+    data = header["training_data"]  # from the round's manifest, with the packaged weights' sources nested
+    assert header["license"] == "MIT" and sum(p["images"] for p in data["photographs"]) == 445
+    assert data["fine_tuned_from"]["photographs"] and "445 photographs" in header["license_note"]
+    assert "not legal advice" in header["license_note"] and "fine-tuned from say" in header["license_note"]
     result = json.loads((out / "compare.json").read_text())
     assert result["verdict"].startswith(("ACCEPT", "REJECT")) and result["limit"] == 1
     assert "OOD mean PSNR gain" in (out / "compare.md").read_text()

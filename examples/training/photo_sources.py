@@ -62,7 +62,8 @@ SOURCES = {
         r"^(BytheWater|ColdRipple|ColorfulCups|DarkestHour|EveningGlow|FallenLeaf|Grey|Kite|OneStandsOut|Path"
         r"|summer_1am)/contents/images/"),
     # nature/ are photographs; desktop/ and abstract/ are logos, stripes, renders and a painting.
-    "mate-backgrounds": Source("usr/share/backgrounds/mate", r"^nature/", licence_path=(r"^usr/share/backgrounds/mate/", "")),
+    "mate-backgrounds": Source("usr/share/backgrounds/mate", r"^nature/",
+                               licence_path=(r"^usr/share/backgrounds/mate/", "")),
     "lomiri-wallpapers-16.04": Source("usr/share/backgrounds", r"\.jpg$", exclude=r"umang",  # a colour gradient
                                       licence_path=(r"^usr/share/backgrounds/", "16.04/")),
     "lomiri-wallpapers-20.04": Source("usr/share/backgrounds", r"^Kleiber",  # the others are vector art and a render
@@ -70,7 +71,8 @@ SOURCES = {
     # OpenCV's sample photographs with a short side >= 576 px (>= 384 after the 1.5x downscale);
     # aloeR, ela_modified and graf3 are near-copies of these, the rest are charts, logos,
     # calibration boards, synthetic or smaller images.
-    "opencv-doc": Source("usr/share/doc/opencv-doc/examples/data", r"^(aloeL\.jpg|building\.jpg|ela_original\.jpg|graf1\.png)$",
+    "opencv-doc": Source("usr/share/doc/opencv-doc/examples/data",
+                         r"^(aloeL\.jpg|building\.jpg|ela_original\.jpg|graf1\.png)$",
                          licence_path=(r"^usr/share/doc/opencv-doc/examples/data/", "samples/data/")),
     # One landscape photograph (the rest are icons, themes and LUTs). Its copyright file is
     # free text: GPL-2+ for all but a few source files.
@@ -101,7 +103,8 @@ SOURCES = {
 
 # Never taken, whatever a package holds: scikit-image's bundled images are the evaluation set,
 # and these names are classic test images it may share.
-FORBIDDEN = re.compile(r"(?i)astronaut|camera|coffee|chelsea|\bcat\b|rocket|coins|moon|retina|hubble|lena|skimage|scikit")
+FORBIDDEN = re.compile(
+    r"(?i)astronaut|camera|coffee|chelsea|\bcat\b|rocket|coins|moon|retina|hubble|lena|skimage|scikit")
 IMAGE = re.compile(r"(?i)\.(png|jpe?g|webp|tiff?|bmp)$")
 
 
@@ -121,7 +124,10 @@ def unpack(extracted: Path) -> None:
         shutil.rmtree(root / UNPACKED, ignore_errors=True)  # what an earlier selection took
         for archive in _archives(extracted, pkg):
             dest = root / UNPACKED / archive.stem
-            for member, data in _members(archive, lambda m: re.search(src.members, m) and IMAGE.search(m)):
+            def wanted(member: str, pattern: str = src.members) -> bool:
+                return bool(re.search(pattern, member) and IMAGE.search(member))
+
+            for member, data in _members(archive, wanted):
                 out = dest / member
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(data)
@@ -132,7 +138,7 @@ def _members(archive: Path, wanted):
     if archive.suffix == ".rcc":  # read by Qt itself (the napari extra brings a binding)
         try:
             from qtpy.QtCore import QDirIterator, QFile, QIODevice, QResource
-        except Exception as err:  # qtpy raises its own error when no binding is installed
+        except Exception as err:  # noqa: BLE001 - qtpy raises its own error type when no binding is installed
             raise SystemExit(f"{archive.name} is a Qt resource file: reading it needs qtpy and a Qt binding "
                              f"(pip install qtpy pyqt6, or the napari extra): {err}") from None
 

@@ -96,8 +96,8 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     if "intro.weight" not in state_dict:
         raise CheckpointError("not a DeMoE state dict: it has no 'intro.weight' parameter")
     if state_dict["intro.weight"].ndim != 4:
-        raise CheckpointError(f"not a DeMoE state dict: 'intro.weight' has shape {tuple(state_dict['intro.weight'].shape)}"
-                              ", not (width, channels, 3, 3)")
+        shape = tuple(state_dict["intro.weight"].shape)
+        raise CheckpointError(f"not a DeMoE state dict: 'intro.weight' has shape {shape}, not (width, channels, 3, 3)")
     width, img_channel = state_dict["intro.weight"].shape[:2]
     keys = list(state_dict)
     levels = _count(keys, r"encoders\.(\d+)\.")
@@ -379,7 +379,7 @@ def split_weights(path: str | Path, folder: str | Path, max_bytes: int = 15 * 2*
     path, folder = Path(path), Path(folder)
     with safe_open(str(path), framework="pt") as f:
         header = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
     groups: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -408,7 +408,7 @@ def join_weights(shards: list[str | Path], dest: str | Path) -> Path:
     for shard in shards:
         with safe_open(str(shard), framework="pt") as f:
             header = dict(f.metadata() or {})
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 - safe_open is no dict
                 tensors[k] = f.get_tensor(k)
         part, _, total = header.pop(_SHARD_KEY, "").partition("/")
         if not part.isdigit() or not total.isdigit():

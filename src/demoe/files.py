@@ -172,7 +172,8 @@ def _read_npy(path: Path, limit: int | None) -> Image:
     try:
         with open(path, "rb") as f:  # the header first: the shape, before any data is read
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
             shape = read_header(f)[0]
         if len(shape) >= 2:  # (..., H, W) or, with colour last, (..., H, W, 3|4)
             h, w = shape[-3:-1] if len(shape) >= 3 and shape[-1] in (3, 4) else shape[-2:]
@@ -271,7 +272,7 @@ def _read_fits(path: Path, limit: int | None = None) -> Image:
         with fits.open(path, memmap=False) as hdus:
             # Every image HDU with two or more axes: a mosaic camera writes one per detector.
             found = [(i, hdu) for i, hdu in enumerate(hdus) if hdu.is_image and hdu.header.get("NAXIS", 0) >= 2]
-            for i, hdu in found:  # sizes from the headers, before any data is read
+            for _, hdu in found:  # sizes from the headers, before any data is read
                 check_size(path.name, int(hdu.header.get("NAXIS2", 0)), int(hdu.header.get("NAXIS1", 0)), limit)
             images = [Image(np.array(hdu.data), None, fits={"source": path, "index": i})  # BSCALE/BZERO applied
                       for i, hdu in found if hdu.data is not None and hdu.data.ndim >= 2]

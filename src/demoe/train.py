@@ -74,6 +74,9 @@ class TrainConfig:
                           DATA, "FILE:TASK")
     psf_fraction: float = _opt(0.5, "share of patches blurred by --psf, when given", DATA, "F")
     max_side: int | None = _opt(None, "downscale photographs whose longer side exceeds this (pixels)", DATA, "PX")
+    data_manifest: str | None = _opt(None, "TSV listing the photographs' sources and licences (columns package, "
+                                     "version, licence; examples/training/prepare_photos.sh writes one): summarised "
+                                     "in the weights' header with what the licences imply", DATA, "TSV")
     device_data: bool = _opt(False, "make the blurred patches on the training device (demoe.batch_degrade): "
                              "photographs kept in its memory, whole batches degraded there in torch, no "
                              "DataLoader workers; what keeps a GPU busy (--photos and dead leaves only)", DATA)
@@ -148,6 +151,8 @@ class TrainConfig:
         if self.init and not init_path(self.init).is_file():
             raise FileNotFoundError(f"--init: checkpoint not found: {self.init}"
                                     + (f" (the folder has no {RUN_WEIGHTS})" if Path(self.init).is_dir() else ""))
+        if self.data_manifest:
+            photo_licences(self.data_manifest)  # readable, with the columns it needs, or one clear error now
         for folder in self.photos:
             if not Path(folder).exists():
                 raise FileNotFoundError(f"--photos: image folder not found: {folder}")
@@ -274,7 +279,7 @@ def gpu_utilisation(device: torch.device) -> int | None:
         return None
     try:
         return int(torch.cuda.utilization(device))
-    except Exception:  # no NVML (pynvml / nvidia-ml-py) or no permission: not worth stopping a run
+    except Exception:  # noqa: BLE001 - no NVML (nvidia-ml-py), no permission...: not worth stopping a run
         return None
 
 
@@ -497,18 +502,79 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     patch = int(init_meta.get("patch_size") or cfg.patch) if cfg.router_only else cfg.patch
     if ema is not None:
         model.load_state_dict({**model.state_dict(), **ema})  # last.pt keeps the raw weights for resuming
-    return export(model, out / RUN_WEIGHTS, cfg, record, patch)
+    return export(model, out / RUN_WEIGHTS, cfg, record, patch, init_meta)
 
 
-def export(model: DeMoE, path: Path, cfg: TrainConfig, record: dict, patch: int) -> Path:
-    """Write the trained weights with config, input convention, training patch and record."""
+def export(model: DeMoE, path: Path, cfg: TrainConfig, record: dict, patch: int, init_meta: dict | None = None) -> Path:
+    """Write the trained weights with config, input convention, training patch and record.
+
+    The licence of the weights started from goes with them; with a ``data_manifest``
+    the header also says what the weights were learned from and what its licences imply.
+    """
     model = model.eval()
+    init_meta = init_meta or {}
+    licence = {k: init_meta[k] for k in ("license", "license_note", "training_data") if k in init_meta}
+    if cfg.data_manifest:
+        data = photo_licences(cfg.data_manifest)
+        if "training_data" in init_meta:
+            data["fine_tuned_from"] = init_meta["training_data"]
+        licence.update(license=init_meta.get("license", "MIT"), training_data=data,
+                       license_note=licence_note(data, init_meta.get("license_note")))
     return save_model(
         model, path,
         input_convention={"color": "RGB", "range": [0.0, 1.0], "dtype": "float32", "layout": "NCHW"},
         patch_size=patch,
         training={**record, "config": dataclasses.asdict(cfg), "tasks": list(TASKS)},
+        **licence,
     )
+
+
+_SHARE_ALIKE = ("GPL", "-SA", "GFDL")  # licence names whose terms pass on to derived works
+
+
+def photo_licences(manifest: str | Path) -> dict:
+    """The ``training_data`` record of a photographs manifest: images and licences per package."""
+    import csv
+    from collections import Counter
+
+    try:
+        with open(manifest, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except OSError as err:
+        raise FileNotFoundError(f"--data-manifest: cannot read {manifest} ({err.strerror})") from None
+    if not rows or not {"package", "version", "licence"} <= set(rows[0]):
+        raise ValueError(f"--data-manifest {manifest}: expected a TSV with columns package, version and licence "
+                         "(as examples/training/prepare_photos.sh writes)")
+    packages: dict[tuple[str, str], Counter] = {}
+    for row in rows:
+        packages.setdefault((row["package"], row["version"]), Counter())[row["licence"]] += 1
+    return {"photographs": [{"package": p, "version": v, "images": sum(c.values()),
+                             "license": ", ".join(f"{name} {n}" for name, n in c.most_common())}
+                            for (p, v), c in packages.items()],
+            "manifest": Path(manifest).name, "generated": "procedural dead-leaves images"}
+
+
+def licence_note(data: dict, earlier: str | None = None) -> str:
+    """What the licences of the training photographs imply for the weights, in plain words."""
+    counts: dict[str, int] = {}
+    for package in data["photographs"]:
+        for part in package["license"].split(", "):
+            name, _, n = part.rpartition(" ")
+            counts[name] = counts.get(name, 0) + int(n)
+    shared = {k: n for k, n in counts.items() if any(s in k for s in _SHARE_ALIKE)}
+    total, n_shared = sum(counts.values()), sum(shared.values())
+    note = (f"The weights are offered under the MIT licence, like the code. They were learned from {total} "
+            f"photographs (listed with their sources and licences in {data['manifest']}) and from generated images; "
+            f"no image, or part of one, is in this file. {total - n_shared} of the photographs are public domain or "
+            f"under permissive licences; {n_shared} are under share-alike licences ("
+            + ", ".join(f"{k} {n}" for k, n in sorted(shared.items(), key=lambda kv: -kv[1])) + "). "
+            "Whether weights learned from images are a derivative work of those images is not settled in law. If "
+            "they are not, the MIT licence is all that applies; if they are, the share-alike terms (attribution, and "
+            "passing the weights on only under those licences) would also bind these weights and models fine-tuned "
+            "from them. This is not legal advice.")
+    if earlier:
+        note += " The weights these were fine-tuned from say: " + earlier
+    return note
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

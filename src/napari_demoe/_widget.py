@@ -10,6 +10,7 @@ napari starts.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import sys
 import threading
 import weakref
@@ -250,10 +251,8 @@ class DeblurWidget(Container):
                 if worker is not None:
                     worker.quit()
                     for signal in (worker.returned, worker.errored, worker.finished):
-                        try:
+                        with contextlib.suppress(TypeError, RuntimeError):  # nothing connected, or already deleted
                             signal.disconnect()
-                        except (TypeError, RuntimeError):  # nothing connected, or already deleted
-                            pass
         return [w for w in (self.worker, self._device_worker) if w is not None]
 
     # -- state ---------------------------------------------------------------------
