@@ -511,11 +511,15 @@ def test_default_model_keeps_mean_on_gopro_blur(default_model):
 def test_tlc_option(default_model, blurred_photo):
     blurry, _ = blurred_photo
     crop = blurry[:200, :200]
+    x = torch.from_numpy(crop[:128, :128].transpose(2, 0, 1)[None] / np.float32(255))
+    with torch.no_grad():
+        own = default_model(x, task="defocus")  # the model's own (published, global) pooling
     plain = deblur(crop, model=default_model, task="defocus", tlc=False)
     local = deblur(crop, model=default_model, task="defocus", tlc=64)
     assert local.shape == plain.shape and np.abs(local.astype(int) - plain.astype(int)).max() > 0
     # The model is left in its published (global pooling) mode afterwards.
-    assert all(b.local_pool is None for b in default_model.modules() if hasattr(b, "local_pool"))
+    with torch.no_grad():
+        torch.testing.assert_close(default_model(x, task="defocus"), own, rtol=0, atol=0)
     np.testing.assert_array_equal(deblur(crop, model=default_model, task="defocus", tlc=False), plain)
     # A window covering the whole tile is the global pooling: so is the default (window = the
     # 256 px training patch) on a tile no larger than that.
@@ -544,6 +548,9 @@ def test_local_converter_is_per_call_under_concurrency(tiny_model):
     img = (0.2 * np.random.default_rng(0).random((192, 192, 3)) + 0.8 * ramp).astype(np.float32)
     kw = dict(model=model, task="defocus", tile_size=64, overlap=8, device="cpu", streams=1)
     windows = [False, 16, 32]
+    x = torch.from_numpy(img[:64, :64].transpose(2, 0, 1)[None].copy())
+    with torch.no_grad():
+        own = model(x, task="defocus")  # the model's own (global) pooling
     alone = {w: deblur(img, tlc=w, **kw) for w in windows}
     assert np.abs(alone[16] - alone[False]).max() > 1e-4  # the windows really differ
     results, errors = {}, []
@@ -562,7 +569,8 @@ def test_local_converter_is_per_call_under_concurrency(tiny_model):
     assert not errors
     for (w, _), out in results.items():
         np.testing.assert_allclose(out, alone[w], rtol=0, atol=1e-6)
-    assert all(b.local_pool is None for b in model.modules() if hasattr(b, "local_pool"))
+    with torch.no_grad():  # and none of the calls left its window on the model
+        torch.testing.assert_close(model(x, task="defocus"), own, rtol=0, atol=0)
 
 
 def test_tile_defaults_follow_device_and_training_patch(identity_model):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 import warnings
 from collections import Counter
@@ -252,14 +251,15 @@ class _Runner:
     With neither a task nor fixed weights every tile is routed on its own, and
     its routing probabilities are appended to ``record``. With ``ensemble`` > 1
     the network also restores flipped/transposed copies of every tile, routed as
-    the tile itself, and the results are averaged.
+    the tile itself, and the results are averaged. ``window`` is the network's
+    pooling window (``DeMoE.forward(pool_window=...)``).
     """
 
     def __init__(self, model: DeMoE, device: torch.device, task: str | None, weights: torch.Tensor | None,
                  record: list | None = None, precision: str = "fp32", pool: ThreadPoolExecutor | None = None,
-                 streams: int = 1, ensemble: int = 1):
+                 streams: int = 1, ensemble: int = 1, window: int | None = None):
         self.model, self.device, self.task, self.weights = model, device, task, weights
-        self.ensemble = ensemble
+        self.ensemble, self.window = ensemble, window
         self.autocast = _DTYPES[precision]  # None: plain float32
         self.record = record if task is None and weights is None else None
         self.pool, self.streams = pool, streams  # tile streams: each batch is split among the pool's threads
@@ -301,15 +301,15 @@ class _Runner:
         w = None if self.weights is None else self.weights.expand(len(chunk), -1)
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             if self.record is None:
-                y, probs = self.model(x, task=self.task, weights=w), None
+                y, probs = self.model(x, task=self.task, weights=w, pool_window=self.window), None
             else:
-                y, logits = self.model(x, return_logits=True)
+                y, logits = self.model(x, return_logits=True, pool_window=self.window)
                 w = logits.float().softmax(dim=1)  # the other views take this tile's routing
                 probs = w.cpu().numpy()
             if self.ensemble > 1:
                 y = y.float()
                 for k in range(1, self.ensemble):
-                    y += _unview(self.model(_view(x, k), task=self.task, weights=w), k).float()
+                    y += _unview(self.model(_view(x, k), task=self.task, weights=w, pool_window=self.window), k).float()
                 y /= self.ensemble
         return y.float().cpu().numpy(), probs
 
@@ -340,11 +340,12 @@ def _tile_streams(streams: int):
 
 
 def _route_image(model: DeMoE, device, read, height, width, tile, multiple, batch: int | None = None,
-                 pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+                 pool: ThreadPoolExecutor | None = None, window: int | None = None) -> np.ndarray:
     """Routing weights for a whole image: the average over its most textured tiles.
 
     The tiles go through the router ``batch`` at a time (default: all at once),
-    spread over ``pool``'s threads when one is given.
+    spread over ``pool``'s threads when one is given, with the network's pooling
+    ``window`` (``DeMoE.forward(pool_window=...)``).
     """
     ay = tiling.plan_axis(height, tile, 0 if tile <= multiple else min(multiple, tile // 4), multiple)
     ax = tiling.plan_axis(width, tile, 0 if tile <= multiple else min(multiple, tile // 4), multiple)
@@ -365,7 +366,7 @@ def _route_image(model: DeMoE, device, read, height, width, tile, multiple, batc
 
     def route(part: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model.route(torch.from_numpy(part).to(device)).float().cpu().numpy()
+            return model.route(torch.from_numpy(part).to(device), pool_window=window).float().cpu().numpy()
 
     parts = np.array_split(chosen, -(-len(chosen) // (batch or len(chosen))))
     probs = np.concatenate(list(pool.map(route, parts)) if pool is not None else [route(p) for p in parts])
@@ -696,40 +697,9 @@ def _tile_reader(plane: np.ndarray, chans: list[int], mode: str, s: dict):
     return read
 
 
-_POOLING = threading.Condition()
-_pooling_users: dict[int, list] = {}  # id(model) -> [window, calls using it]
-
-
-@contextlib.contextmanager
-def _local_pooling(net: DeMoE, window: int | None):
-    """Set the network's pooling window for the calls inside, and reset it after the last.
-
-    The window is a setting of the model, which concurrent calls share (dask
-    chunks, a GUI worker next to a script): calls that want the same window
-    run together; a call that wants another waits until they are done.
-    """
-    key = id(net)
-    with _POOLING:
-        while key in _pooling_users and _pooling_users[key][0] != window:
-            _POOLING.wait()
-        entry = _pooling_users.setdefault(key, [window, 0])
-        if entry[1] == 0:
-            net.set_local_pooling(window)
-        entry[1] += 1
-    try:
-        yield
-    finally:
-        with _POOLING:
-            entry[1] -= 1
-            if entry[1] == 0:
-                net.set_local_pooling(None)
-                del _pooling_users[key]
-                _POOLING.notify_all()
-
-
 def _deblur_numpy(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """Restore a ``(..., H, W, C)`` array; the network's pooling mode is set for the call only."""
-    with _local_pooling(s["net"], s["tlc_window"]), _tile_streams(s["streams"]) as pool:
+    """Restore a ``(..., H, W, C)`` array."""
+    with _tile_streams(s["streams"]) as pool:
         return _deblur_planes(moved, s, progress, fixed_probs, pool)
 
 
@@ -764,11 +734,12 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
             if s["task"] is None and s["routing"] == "image":
                 probs = fixed_probs
                 if probs is None:
-                    probs = _route_image(net, dev, read, h, w, s["tile"], s["multiple"], batch=s["batch"], pool=pool)
+                    probs = _route_image(net, dev, read, h, w, s["tile"], s["multiple"], batch=s["batch"], pool=pool,
+                                         window=s["tlc_window"])
                 weights = torch.from_numpy(np.asarray(probs)).float().to(dev)[None]
                 probs_all.append(probs)
             runner = _Runner(net, dev, s["task"], weights, record=probs_all, precision=s["precision"],
-                             pool=pool, streams=s["streams"], ensemble=s["ensemble"])
+                             pool=pool, streams=s["streams"], ensemble=s["ensemble"], window=s["tlc_window"])
             tiling.stitch(read, runner, write, h, w, tile=s["tile"], overlap=s["ovl"], multiple=s["multiple"],
                           batch_size=s["batch"] * s["streams"], progress=report)
             # The low-light expert is meant to change the exposure: by default, a plane where it
@@ -895,6 +866,5 @@ def _route_crop(crop: np.ndarray, s: dict) -> np.ndarray:
     """Routing probabilities of a ``(H, W, C)`` crop, estimated as for a whole image."""
     chans, mode = _jobs(crop.shape[-1], s["net"].img_channel, s["bgr"])[0]
     read = _tile_reader(crop, chans, mode, s)
-    with _local_pooling(s["net"], s["tlc_window"]):  # the pooling the chunks are restored with
-        return _route_image(s["net"], s["dev"], read, crop.shape[0], crop.shape[1], s["tile"], s["multiple"],
-                            batch=s["batch"])
+    return _route_image(s["net"], s["dev"], read, crop.shape[0], crop.shape[1], s["tile"], s["multiple"],
+                        batch=s["batch"], window=s["tlc_window"])  # the pooling the chunks are restored with
