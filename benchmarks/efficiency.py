@@ -144,7 +144,7 @@ if mode in ("single", "race"):
                       task=info["task"], tiles=info["tiles"], computed=info["computed"])
 elif mode == "experts":
     k = int(arg)
-    model.k_used = k
+    model.top_k = k
     size = 256
     x = torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 255)
     usable = side // size * size

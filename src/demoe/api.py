@@ -556,7 +556,7 @@ def deblur(
         raise TypeError(f"model must be a DeMoE, a checkpoint path or None, got {type(model).__name__}")
     multiple = net.padder_size
     _check_sizes(tile_size, overlap, batch_size, multiple, streams)
-    patch = int(getattr(net, "metadata", {}).get("patch_size", 0) or 0)  # training patch, if recorded
+    patch = int(net.metadata.get("patch_size", 0) or 0)  # training patch, if recorded
     if tile_size is not None:
         tile = int(tile_size)
     else:  # the device's best size, but no smaller than the patches the model was trained on

@@ -5,7 +5,7 @@ entry is the state dict; they are read with ``weights_only=True`` so that no
 pickled code can ever run. Our own weights are safetensors files whose header
 holds the architecture, ``top_k`` and any metadata (training record, input
 convention). The architecture is always read back from the parameter names
-and shapes, never hard-coded.
+and shapes, never hard-coded (and checked against the header's record of it).
 """
 
 from __future__ import annotations
@@ -240,6 +240,10 @@ def model_from_state_dict(
         config = infer_config(state_dict)
     except CheckpointError as err:
         raise CheckpointError(f"{origin}: {err}") from None
+    recorded = metadata.get(_CONFIG_KEY)  # what save_model wrote: the parameters must agree with it
+    if recorded is not None and recorded != config:
+        raise CheckpointError(f"{origin}: the header records the architecture {recorded}, but the parameters "
+                              f"are those of {config}")
     _check_architecture(config, state_dict, origin)
     k = int(top_k) if top_k is not None else _metadata_int(metadata, _TOP_K_KEY, 1, origin)
     if "patch_size" in metadata:
@@ -248,7 +252,7 @@ def model_from_state_dict(
         raise ValueError(f"top_k must be between 1 and {config['num_exp']} (the number of experts), got {k}")
     try:
         with torch.device("meta"):  # shapes only: nothing allocated
-            skeleton = DeMoE(**config, k_used=k)
+            skeleton = DeMoE(**config, top_k=k)
     except (ValueError, RuntimeError) as err:
         raise CheckpointError(f"{origin}: cannot build DeMoE from {config}: {err}") from err
     parameters = sum(p.numel() for p in skeleton.parameters())
@@ -256,7 +260,7 @@ def model_from_state_dict(
         raise CheckpointError(f"{origin}: not a DeMoE this package builds: {parameters:,} parameters (at most "
                               f"{MAX_PARAMETERS:,}) in {config}")
     _check_keys(skeleton, state_dict, origin)
-    model = DeMoE(**config, k_used=k)
+    model = DeMoE(**config, top_k=k)
     model.load_state_dict(state_dict)
     model.metadata = metadata
     return model
@@ -333,10 +337,10 @@ def save_model(model: DeMoE, path: str | Path, **metadata: Any) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    header = {k: json.dumps(v) for k, v in getattr(model, "metadata", {}).items()}
+    header = {k: json.dumps(v) for k, v in model.metadata.items()}
     header.update({k: json.dumps(v) for k, v in metadata.items()})
     header[_CONFIG_KEY] = json.dumps(model.config)
-    header[_TOP_K_KEY] = json.dumps(model.k_used)
+    header[_TOP_K_KEY] = json.dumps(model.top_k)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -386,7 +386,7 @@ def run_info(args: argparse.Namespace) -> int:
     meta = dict(model.metadata)
     record = meta.pop("training", {})
     print(f"{title}: {path}")
-    print(f"  config: {json.dumps(model.config)}, top_k={model.k_used}, "
+    print(f"  config: {json.dumps(model.config)} ({model.architecture or 'a custom'} architecture), top_k={model.top_k}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     convention = meta.get("input_convention")
     print("  input convention: " + (json.dumps(convention) if convention else

@@ -8,13 +8,35 @@ published checkpoints exactly (see ``docs/architecture.md``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .tasks import TASKS, task_index
+
+#: Named architectures: DeMoE's constructor arguments (experts per image aside), the one place
+#: they are written. "published": the paper's network (about 60 M parameters), the constructor's
+#: defaults. "compact": the packaged weights' network, and what ``demoe train`` builds by default.
+ARCHITECTURES: Mapping[str, Mapping[str, Any]] = {
+    "published": {"img_channel": 3, "width": 32, "middle_blk_num": 1, "enc_blk_nums": (1, 1, 1, 28),
+                  "dec_blk_nums": (1, 1, 1, 1), "num_exp": 5},
+    "compact": {"img_channel": 3, "width": 16, "middle_blk_num": 2, "enc_blk_nums": (1, 1, 2, 4),
+                "dec_blk_nums": (1, 1, 1, 1), "num_exp": 5},
+}
+_PUBLISHED = ARCHITECTURES["published"]
+
+
+def architecture_name(config: Mapping[str, Any]) -> str | None:
+    """The name in :data:`ARCHITECTURES` of a ``DeMoE.config``, or None for any other architecture."""
+    given = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in config.items()}
+    for name, arch in ARCHITECTURES.items():
+        if given == {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()}:
+            return name
+    return None
 
 
 class LayerNorm2d(nn.Module):
@@ -211,8 +233,22 @@ class DeMoE(nn.Module):
     num_exp : int
         Number of experts in every MoE block (the published model: 5, one per
         entry of :data:`TASKS`).
-    k_used : int
-        Experts used per image (top-k of the routing weights).
+    top_k : int
+        Experts used per image (top-k of the routing weights). ``k_used``, the
+        published code's name for it, is accepted with a DeprecationWarning.
+
+    The defaults are the ``"published"`` architecture;
+    ``DeMoE(**ARCHITECTURES["compact"])`` builds the packaged weights' one.
+
+    Attributes
+    ----------
+    config : dict
+        The architecture (the constructor's arguments but ``top_k``).
+    metadata : dict
+        What the weights' file records (training patch, training record...);
+        empty for a model built here.
+    source : str or None
+        The file the weights were loaded from.
 
     Notes
     -----
@@ -223,22 +259,27 @@ class DeMoE(nn.Module):
 
     def __init__(
         self,
-        img_channel: int = 3,
-        width: int = 32,
-        middle_blk_num: int = 1,
-        enc_blk_nums: Sequence[int] = (1, 1, 1, 28),
-        dec_blk_nums: Sequence[int] = (1, 1, 1, 1),
-        num_exp: int = 5,
-        k_used: int = 1,
+        img_channel: int = _PUBLISHED["img_channel"],
+        width: int = _PUBLISHED["width"],
+        middle_blk_num: int = _PUBLISHED["middle_blk_num"],
+        enc_blk_nums: Sequence[int] = _PUBLISHED["enc_blk_nums"],
+        dec_blk_nums: Sequence[int] = _PUBLISHED["dec_blk_nums"],
+        num_exp: int = _PUBLISHED["num_exp"],
+        top_k: int = 1,
+        *,
+        k_used: int | None = None,
     ):
         super().__init__()
+        if k_used is not None:
+            warnings.warn("DeMoE(k_used=...) is now DeMoE(top_k=...)", DeprecationWarning, stacklevel=2)
+            top_k = k_used
         if len(enc_blk_nums) != len(dec_blk_nums):
             raise ValueError(
                 f"enc_blk_nums and dec_blk_nums must have the same length, "
                 f"got {list(enc_blk_nums)} and {list(dec_blk_nums)}"
             )
-        if not 1 <= k_used <= num_exp:
-            raise ValueError(f"k_used must be in 1..{num_exp} (num_exp), got {k_used}")
+        if not 1 <= top_k <= num_exp:
+            raise ValueError(f"top_k must be in 1..{num_exp} (num_exp), got {top_k}")
         self.config = dict(
             img_channel=int(img_channel),
             width=int(width),
@@ -247,7 +288,9 @@ class DeMoE(nn.Module):
             dec_blk_nums=[int(n) for n in dec_blk_nums],
             num_exp=int(num_exp),
         )
-        self.k_used = int(k_used)
+        self.top_k = int(top_k)
+        self.metadata: dict[str, Any] = {}
+        self.source: str | None = None
         self.img_channel = int(img_channel)
         self.num_exp = int(num_exp)
         levels = len(enc_blk_nums)
@@ -274,6 +317,22 @@ class DeMoE(nn.Module):
             self.experts.append(MoEBlock(ch, num_exp))
         self.ending = nn.Conv2d(width, img_channel, 3, padding=1)
 
+    @property
+    def k_used(self) -> int:
+        """Deprecated name of :attr:`top_k`."""
+        warnings.warn("DeMoE.k_used is now DeMoE.top_k", DeprecationWarning, stacklevel=2)
+        return self.top_k
+
+    @k_used.setter
+    def k_used(self, value: int) -> None:
+        warnings.warn("DeMoE.k_used is now DeMoE.top_k", DeprecationWarning, stacklevel=2)
+        self.top_k = value
+
+    @property
+    def architecture(self) -> str | None:
+        """The name of this model's architecture in :data:`ARCHITECTURES`, or None."""
+        return architecture_name(self.config)
+
     # -- routing ----------------------------------------------------------
     def task_index(self, task: str | None) -> int | None:
         """Expert index of ``task``; None for automatic routing."""
@@ -282,8 +341,8 @@ class DeMoE(nn.Module):
         return task_index(task, TASKS[: self.num_exp], auto=True)
 
     def mixing_weights(self, probs: torch.Tensor) -> torch.Tensor:
-        """Keep the top ``k_used`` routing weights of every row, renormalised."""
-        top, idx = probs.topk(self.k_used, dim=1)
+        """Keep the top ``top_k`` routing weights of every row, renormalised."""
+        top, idx = probs.topk(self.top_k, dim=1)
         top = top / top.sum(dim=1, keepdim=True)
         return torch.zeros_like(probs).scatter(1, idx, top)
 

@@ -85,7 +85,7 @@ def deblur_layer_data(data, *, rgb: bool, settings: DeblurSettings, progress=Non
                              nan_policy="keep", return_info=True)  # NaN (masked) pixels come back as they were
     if settings.compute and hasattr(out, "compute"):
         out = _compute_with_progress(out, progress)
-    info["model"] = getattr(model, "source", "packaged default")
+    info["model"] = model.source or "packaged default"
     return out, info
 
 
