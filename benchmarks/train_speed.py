@@ -30,7 +30,7 @@ from _report import save_report
 
 import demoe
 from demoe.batch_degrade import DeviceBatches
-from demoe.checkpoint import resolve_device
+from demoe.devices import resolve_device
 from demoe.data import load_photos
 from demoe.train import TrainConfig, batch_losses, hardware
 

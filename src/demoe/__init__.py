@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "DeMoE": "model",
     "CheckpointError": "checkpoint",
-    "available_devices": "checkpoint",
+    "available_devices": "devices",
     "load_model": "checkpoint",
     "save_model": "checkpoint",
     "deblur": "api",

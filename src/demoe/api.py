@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from collections import Counter
@@ -15,26 +14,15 @@ import numpy as np
 import torch
 
 from . import tiling
-from .checkpoint import load_model, resolve_device
+from .checkpoint import load_model
+from .devices import (AUTO_PRECISION, DEFAULT_BATCH, DEFAULT_TILE, PRECISIONS, default_streams, resolve_device,
+                      tile_streams)
 from .model import TASKS, DeMoE
 from .tasks import ENSEMBLES, task_index
 
 _AUTO = "auto"
 #: Percentiles for robust normalisation of 16-bit, integer and out-of-range float data.
 PERCENTILES = (0.1, 99.9)
-#: Default tiles: big enough for the blur, small enough for the CPU cache (see benchmarks/).
-DEFAULT_TILE = {"cpu": 256, "mps": 512, "cuda": 512}
-#: Default tiles per network call: one on CPU keeps the working set in cache (4 was
-#: 20-27 % slower there, benchmarks/batch_size.py); a GPU wants many.
-DEFAULT_BATCH = {"cpu": 1, "mps": 8, "cuda": 16}
-#: Default tile streams (tiles computed at once in parallel threads, torch's CPU threads
-#: shared among them): on two cores, bare tiles in two one-thread streams ran 1.25-1.78x
-#: as fast as in one two-thread stream, deblur() 0.96-1.25x (benchmarks/efficiency.py, README);
-#: GPUs run one stream of big batches.
-DEFAULT_STREAMS = {"cpu": 2}
-#: Computation precision per device for ``precision="auto"`` (see benchmarks/inference_options.py).
-AUTO_PRECISION = {"cuda": "fp16"}
-_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: Tiles used to estimate one routing for a whole image.
 ROUTING_TILES = 8
 
@@ -260,7 +248,7 @@ class _Runner:
                  streams: int = 1, ensemble: int = 1, window: int | None = None):
         self.model, self.device, self.task, self.weights = model, device, task, weights
         self.ensemble, self.window = ensemble, window
-        self.autocast = _DTYPES[precision]  # None: plain float32
+        self.autocast = PRECISIONS[precision]  # None: plain float32
         self.record = record if task is None and weights is None else None
         self.pool, self.streams = pool, streams  # tile streams: each batch is split among the pool's threads
 
@@ -312,31 +300,6 @@ class _Runner:
                     y += _unview(self.model(_view(x, k), task=self.task, weights=w, pool_window=self.window), k).float()
                 y /= self.ensemble
         return y.float().cpu().numpy(), probs
-
-
-@contextlib.contextmanager
-def _tile_streams(streams: int):
-    """A pool of ``streams`` threads that each run tiles with their share of torch's CPU threads.
-
-    Yields None for a single stream. torch's thread setting is process-wide for
-    threads that start meanwhile, so it is put back on exit, whatever happens.
-    """
-    if streams <= 1:
-        yield None
-        return
-    total = torch.get_num_threads()
-    each = max(1, total // streams)
-
-    def init_thread():
-        torch.get_num_threads()  # let torch initialise this thread's setting first, then override it
-        torch.set_num_threads(each)
-
-    pool = ThreadPoolExecutor(streams, thread_name_prefix="demoe-tiles", initializer=init_thread)
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(total)
 
 
 def _route_image(model: DeMoE, device, read, height, width, tile, multiple, batch: int | None = None,
@@ -530,8 +493,8 @@ def deblur(
         task_index(task, auto=True)
     if routing not in ("image", "tile"):
         raise ValueError(f"routing must be 'image' or 'tile', got {routing!r}")
-    if precision != _AUTO and precision not in _DTYPES:
-        raise ValueError(f"precision must be one of auto, {', '.join(_DTYPES)}; got {precision!r}")
+    if precision != _AUTO and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
     if isinstance(ensemble, bool) or not isinstance(ensemble, (int, np.integer)) or ensemble not in ENSEMBLES:
         raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLES))} (copies of each tile averaged), "
                          f"got {ensemble!r}")
@@ -571,9 +534,7 @@ def deblur(
     if fitted < tile:
         tile, ovl = fitted, (fitted // 8 if overlap is None else min(ovl, longest))
     batch = int(batch_size) if batch_size is not None else DEFAULT_BATCH.get(dev.type, 1)
-    if streams is None:
-        streams = min(DEFAULT_STREAMS.get(dev.type, 1), torch.get_num_threads())
-    streams = int(streams)
+    streams = default_streams(dev) if streams is None else int(streams)
 
     # Channels last, planes first: (P, H, W, C).
     moved = _channels_last(arr, axis)
@@ -699,7 +660,7 @@ def _tile_reader(plane: np.ndarray, chans: list[int], mode: str, s: dict):
 
 def _deblur_numpy(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Restore a ``(..., H, W, C)`` array."""
-    with _tile_streams(s["streams"]) as pool:
+    with tile_streams(s["streams"]) as pool:
         return _deblur_planes(moved, s, progress, fixed_probs, pool)
 
 

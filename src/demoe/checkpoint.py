@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .devices import available_devices, resolve_device  # noqa: F401 - re-exported: demoe.checkpoint's before
 from .model import DeMoE
 
 #: Packaged weights, described as data (file inside ``demoe/weights``).
@@ -30,44 +31,6 @@ _TOP_K_KEY = "top_k"
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be turned into a DeMoE model."""
-
-
-# -- devices --------------------------------------------------------------------
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/"auto" -> cuda if available, else mps, else cpu.
-
-    A device this machine does not have (``"cuda"`` without CUDA, ``"cuda:3"``
-    with two GPUs, ``"mps"`` off a Mac, or any other kind) is a ``ValueError``
-    that names the devices available.
-    """
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    here = f"available here: auto, {', '.join(available_devices())}"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}; {here}") from err
-    cuda = dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
-    mps = getattr(torch.backends, "mps", None)
-    if dev.type == "cpu" or cuda or (dev.type == "mps" and mps is not None and mps.is_available()):
-        return dev
-    raise ValueError(f"device {str(device)!r} is not available on this machine; {here}")
-
-
-def available_devices() -> list[str]:
-    """Devices this machine can run on, best first."""
-    found = []
-    if torch.cuda.is_available():
-        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        found.append("mps")
-    return [*found, "cpu"]
 
 
 # -- architecture from a state dict ----------------------------------------------

@@ -264,7 +264,7 @@ def run_deblur(args: argparse.Namespace) -> int:
             outdir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             return fail(f"cannot create the output folder {outdir}: {err.strerror or err}")
-    kwargs = dict(task=None if args.task == "auto" else args.task, model=model, device=args.device,
+    kwargs = dict(task=args.task, model=model, device=args.device,
                   tile_size=args.tile_size, overlap=args.overlap, ensemble=args.ensemble, routing=args.routing,
                   preserve_mean=True if args.preserve_mean else None, nan_policy=args.nan_policy)
     failed = skipped = 0
@@ -366,8 +366,8 @@ def run_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .checkpoint import (CheckpointError, available_devices, default_weights_path, load_model, resolve_device,
-                             training_stages)
+    from .checkpoint import CheckpointError, default_weights_path, load_model, training_stages
+    from .devices import available_devices, resolve_device
 
     print(f"demoe {__version__}, torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
     print(f"devices available: {', '.join(available_devices())}; would use: {resolve_device(None)}")

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import (RUN_WEIGHTS, checkpoint_file, default_weights_path, model_from_state_dict, read_checkpoint,
-                         resolve_device, save_model)
+from .checkpoint import RUN_WEIGHTS, checkpoint_file, default_weights_path, model_from_state_dict, read_checkpoint, save_model
+from .devices import resolve_device
 from .model import ARCHITECTURES, TASKS, DeMoE
 from .tasks import task_index
 

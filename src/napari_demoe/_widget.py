@@ -76,7 +76,7 @@ def deblur_layer_data(data, *, rgb: bool, settings: DeblurSettings, progress=Non
                              "now' or untick Keep mean intensity")
         data = np.asarray(data)
     model = get_model(settings.checkpoint, settings.device)
-    out, info = demoe.deblur(data, task=None if settings.task == "auto" else settings.task, model=model,
+    out, info = demoe.deblur(data, task=settings.task, model=model,
                              channel_axis=-1 if rgb else None, tile_size=settings.tile_size,
                              overlap=settings.overlap, device=settings.device,
                              progress=None if _is_lazy(data) else progress,  # lazy: counted when computed
