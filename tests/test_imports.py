@@ -25,3 +25,8 @@ def test_napari_demoe_imports_no_torch():
 def test_degradations_need_no_torch():
     mods = _modules_after("import demoe.degrade")
     assert "demoe.degrade" in mods and "torch" not in mods
+
+
+def test_array_work_needs_no_torch():
+    mods = _modules_after("import demoe._arrays")
+    assert "demoe._arrays" in mods and "torch" not in mods

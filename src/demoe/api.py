@@ -8,21 +8,19 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from . import tiling
+from ._arrays import (AUTO, channel_jobs, channels_last, check_image, check_sizes, finite_chunk, from_unit,
+                      intensity_range, match_mean, moveaxis, resolve_channel_axis, to_unit, without_holes)
 from .checkpoint import load_model
 from .devices import (AUTO_PRECISION, DEFAULT_BATCH, DEFAULT_TILE, PRECISIONS, default_streams, resolve_device,
                       tile_streams)
 from .model import TASKS, DeMoE
 from .tasks import ENSEMBLES, task_index
 
-_AUTO = "auto"
-#: Percentiles for robust normalisation of 16-bit, integer and out-of-range float data.
-PERCENTILES = (0.1, 99.9)
 #: Tiles used to estimate one routing for a whole image.
 ROUTING_TILES = 8
 
@@ -38,180 +36,8 @@ def default_model(device: str | torch.device | None = None) -> DeMoE:
     return _model_cache[key]
 
 
-# -- validation ---------------------------------------------------------------------------
-def _check_image(image) -> Any:
-    if isinstance(image, (str, Path)):
-        raise TypeError(f"deblur() takes an image array, not a file name ({str(image)!r}): read it first, e.g. "
-                        "with skimage.io.imread or tifffile.imread, or run `demoe deblur FILE`")
-    if image is None:
-        raise TypeError("deblur() got None instead of an image array")
-    is_dask = type(image).__module__.split(".")[0] == "dask"
-    arr = image if is_dask else np.ma.getdata(image)  # a masked array's mask is taken by deblur()
-    if is_dask and any(not np.isfinite(n) for n in arr.shape):
-        raise ValueError(f"a dask array of unknown shape {arr.shape} (its chunk sizes are not known, e.g. after "
-                         "boolean indexing); call .compute_chunk_sizes() on it first")
-    kind = arr.dtype.kind
-    if kind == "b":
-        raise TypeError("boolean images are not supported; pass integer or floating-point data")
-    if kind not in "uif":
-        raise TypeError(f"unsupported dtype {arr.dtype}; accepted: unsigned/signed integers and floats")
-    if arr.ndim < 2:
-        raise ValueError(f"expected an image with at least 2 dimensions ((H, W), (H, W, C), (..., H, W[, C])), got shape {arr.shape}")
-    if any(s == 0 for s in arr.shape):
-        raise ValueError(f"image has a size-0 axis: shape {arr.shape}")
-    return arr, is_dask
-
-
-def _resolve_channel_axis(shape, channel_axis) -> int | None:
-    if channel_axis == _AUTO:
-        return len(shape) - 1 if len(shape) >= 3 and shape[-1] in (3, 4) else None
-    if channel_axis is None:
-        return None
-    if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
-        raise ValueError(f"channel_axis must be an axis number, None or 'auto', got {channel_axis!r}")
-    if not -len(shape) <= channel_axis < len(shape):
-        raise ValueError(f"channel_axis={channel_axis!r} is out of range for an image of {len(shape)} dimensions {tuple(shape)}")
-    axis = int(channel_axis) % len(shape)
-    if len(shape) < 3:  # a channel axis needs two spatial axes beside it
-        raise ValueError(f"channel_axis={channel_axis} leaves fewer than 2 spatial axes in shape {tuple(shape)}")
-    return axis
-
-
-def _check_sizes(tile_size, overlap, batch_size, multiple, streams=None):
-    for name, value, least, what in (("streams", streams, 1, "a positive integer"),
-                                      ("tile_size", tile_size, multiple,
-                                       f"an integer >= {multiple} (the network's size divisor)"),
-                                      ("overlap", overlap, 0, "a non-negative integer"),
-                                      ("batch_size", batch_size, 1, "a positive integer")):
-        if value is not None and not _whole(value, least):
-            raise ValueError(f"{name} must be {what}, got {value!r}")
-
-
-def _whole(value, least: int) -> bool:
-    """``value`` is a whole number (an int, or a float without fraction; not a bool, NaN or inf) >= ``least``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
-        return False
-    if isinstance(value, (float, np.floating)) and not (np.isfinite(value) and float(value).is_integer()):
-        return False
-    return value >= least
-
-
-# -- intensities ----------------------------------------------------------------------------
-def intensity_range(arr, normalize) -> tuple[float, float]:
-    """``(lo, hi)`` such that ``(x - lo) / (hi - lo)`` puts the data in [0, 1]."""
-    if isinstance(normalize, (tuple, list, np.ndarray)):
-        try:
-            lo, hi = (float(v) for v in normalize)
-        except (TypeError, ValueError):
-            raise ValueError(f"normalize=(low, high) takes two numbers, got {normalize!r}") from None
-        if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
-            raise ValueError(f"normalize=(low, high) needs finite numbers with low < high, got {normalize!r}")
-        return lo, hi
-    elif normalize == "none":
-        lo, hi = 0.0, 1.0
-    elif normalize == "range":
-        lo, hi = (0.0, float(np.iinfo(arr.dtype).max)) if arr.dtype.kind in "ui" else (0.0, 1.0)
-    elif normalize in ("auto", "percentile"):
-        if normalize == "auto" and arr.dtype == np.uint8:
-            return 0.0, 255.0
-        sample = _sample(arr)
-        finite = sample[np.isfinite(sample)]
-        if normalize == "auto" and arr.dtype.kind == "f" and finite.size and finite.min() >= 0 and finite.max() <= 1:
-            return 0.0, 1.0
-        lo, hi = (float(v) for v in np.percentile(finite, PERCENTILES)) if finite.size else (0.0, 1.0)
-    else:
-        raise ValueError(f"normalize must be 'auto', 'percentile', 'range', 'none' or a (low, high) pair, got {normalize!r}")
-    if not hi > lo:
-        hi = lo + 1.0  # constant image: any scale restores it unchanged
-    if not max(abs(lo), abs(hi)) <= 1e300:  # sums and the inverse mapping would overflow float64
-        raise ValueError(f"the image's intensities ({lo:g} to {hi:g}) are too near float64's limit (1.8e308) "
-                         "to restore; rescale it first")
-    return lo, hi
-
-
-def _sample(arr, max_elements: int = 4_000_000) -> np.ndarray:
-    """A strided subsample, computed eagerly (cheap even for dask/zarr)."""
-    step = max(1, int(np.ceil((arr.size / max_elements) ** (1 / arr.ndim))))
-    sub = arr[(slice(None, None, step),) * arr.ndim]
-    return np.asarray(sub.compute() if hasattr(sub, "compute") else sub, dtype=np.float64)
-
-
-def _check_finite(arr):
-    if arr.dtype.kind == "f":
-        bad = int(np.count_nonzero(~np.isfinite(arr)))
-        if bad:
-            raise ValueError(f"image contains {bad} NaN or infinite value(s); pass nan_policy='keep' to restore the "
-                             "pixels around them and keep them as they are, or replace them (e.g. np.nan_to_num) first")
-
-
 #: Largest network input, in intensity ranges from the range: beyond, float32 overflows in the network.
 INPUT_LIMIT = 1e20
-#: Gaussian sigma (pixels) of the normalised convolution that fills non-finite pixels.
-FILL_SIGMA = 4.0
-
-
-def _holes(arr: np.ndarray, nan_policy: str, mask: np.ndarray | None = None) -> np.ndarray | None:
-    """Pixels to restore around rather than from: masked ones, and NaN/Inf under ``nan_policy='keep'``."""
-    holes = mask if mask is not None and mask.any() else None
-    if nan_policy == "keep" and arr.dtype.kind == "f":
-        bad = ~np.isfinite(arr)
-        if bad.any():
-            holes = bad if holes is None else holes | bad
-    return holes
-
-
-def _filled(arr: np.ndarray, nan_policy: str, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(array for the network, holes or None)``: the holes filled, and no NaN/Inf left (else ValueError)."""
-    holes = _holes(arr, nan_policy, mask)
-    filled = arr if holes is None else _fill_holes(arr, holes)
-    _check_finite(filled)
-    return filled, holes
-
-
-def _fill_holes(arr: np.ndarray, holes: np.ndarray) -> np.ndarray:
-    """A copy of a ``(..., H, W, C)`` array with ``holes`` filled for the network.
-
-    Each hole gets a smooth continuation of the pixels around it (a normalised
-    Gaussian convolution), and the plane's median far from any, so the
-    network sees no hole edge to sharpen; the caller puts the original values
-    back into the result.
-    """
-    import cv2
-
-    filled = arr.astype(_float_for(arr.dtype))  # a copy: the input is never modified
-    flat, flat_holes = filled.reshape(-1, *arr.shape[-3:]), holes.reshape(-1, *arr.shape[-3:])
-    for p in range(flat.shape[0]):
-        for ch in range(flat.shape[-1]):
-            x, hole = flat[p, :, :, ch], flat_holes[p, :, :, ch]
-            if not hole.any():
-                continue
-            good = ~hole
-            if not good.any():
-                x[:] = 0.0
-                continue
-            x[hole] = 0.0
-            num = cv2.GaussianBlur(x, (0, 0), FILL_SIGMA, borderType=cv2.BORDER_REFLECT)
-            den = cv2.GaussianBlur(good.astype(np.float32), (0, 0), FILL_SIGMA, borderType=cv2.BORDER_REFLECT)
-            far = den < 1e-3
-            x[hole] = np.where(far, np.median(x[good]), num / np.where(far, 1.0, den))[hole]
-    return filled.astype(arr.dtype, copy=False) if arr.dtype.kind == "f" else _to_dtype(filled, arr.dtype)
-
-
-def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if dtype.kind in "ui":
-        info = np.iinfo(dtype)
-        # The limit as x's float: the largest not above the maximum (float32(2**63) would wrap to -2**63).
-        top = x.dtype.type(info.max)
-        if int(top) > info.max:
-            top = np.nextafter(top, x.dtype.type(0))
-        return np.clip(np.rint(x), info.min, top).astype(dtype)
-    return x.astype(dtype, copy=False)
-
-
-def _float_for(dtype: np.dtype):
-    """The float type intensities are scaled in: float64 for 64-bit data (float64 may lie beyond float32's
-    3.4e38; 64-bit integers need its precision), float32 otherwise (the network's own)."""
-    return np.float64 if np.dtype(dtype).itemsize == 8 else np.float32
 
 
 # -- the network on tiles ------------------------------------------------------------------
@@ -343,7 +169,7 @@ def deblur(
     task: str | None = None,
     *,
     model: DeMoE | str | Path | None = None,
-    channel_axis: int | None | str = _AUTO,
+    channel_axis: int | None | str = AUTO,
     tile_size: int | None = None,
     overlap: int | None = None,
     routing: str = "image",
@@ -486,14 +312,14 @@ def deblur(
     (dtype('uint16'), True)
     """
     t0 = time.perf_counter()
-    arr, is_dask = _check_image(image)
-    if task == _AUTO:
+    arr, is_dask = check_image(image)
+    if task == AUTO:
         task = None
     if task is not None:
         task_index(task, auto=True)
     if routing not in ("image", "tile"):
         raise ValueError(f"routing must be 'image' or 'tile', got {routing!r}")
-    if precision != _AUTO and precision not in PRECISIONS:
+    if precision != AUTO and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
     if isinstance(ensemble, bool) or not isinstance(ensemble, (int, np.integer)) or ensemble not in ENSEMBLES:
         raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLES))} (copies of each tile averaged), "
@@ -506,7 +332,7 @@ def deblur(
                          "compute it first (np.asarray(image)) or leave preserve_mean at None")
     if nan_policy not in ("raise", "keep"):
         raise ValueError(f"nan_policy must be 'raise' or 'keep', got {nan_policy!r}")
-    axis = _resolve_channel_axis(arr.shape, channel_axis)
+    axis = resolve_channel_axis(arr.shape, channel_axis)
 
     dev = resolve_device(device)
     if model is None:
@@ -518,7 +344,7 @@ def deblur(
     else:
         raise TypeError(f"model must be a DeMoE, a checkpoint path or None, got {type(model).__name__}")
     multiple = net.padder_size
-    _check_sizes(tile_size, overlap, batch_size, multiple, streams)
+    check_sizes(tile_size, overlap, batch_size, multiple, streams)
     patch = int(net.metadata.get("patch_size", 0) or 0)  # training patch, if recorded
     if tile_size is not None:
         tile = int(tile_size)
@@ -537,11 +363,11 @@ def deblur(
     streams = default_streams(dev) if streams is None else int(streams)
 
     # Channels last, planes first: (P, H, W, C).
-    moved = _channels_last(arr, axis)
+    moved = channels_last(arr, axis)
     # Masked pixels (numpy.ma) and, with nan_policy='keep', NaN/Inf: restored around, given back as they were.
     mask = np.ma.getmask(image) if isinstance(image, np.ma.MaskedArray) else np.ma.nomask
-    masked = None if mask is np.ma.nomask else _channels_last(np.broadcast_to(mask, arr.shape), axis)
-    filled, holes = _filled(moved, nan_policy, masked) if not is_dask else (moved, None)
+    masked = None if mask is np.ma.nomask else channels_last(np.broadcast_to(mask, arr.shape), axis)
+    filled, holes = without_holes(moved, nan_policy, masked) if not is_dask else (moved, None)
     lo, hi = intensity_range(filled, normalize)
     if tlc is True:
         window = int(patch or 256)
@@ -553,7 +379,7 @@ def deblur(
         raise ValueError(f"tlc must be True, False or a window size in pixels (> 0), got {tlc!r}")
     if window is not None and window >= tile:
         window = None  # a window spanning every tile is the global pooling
-    if precision == _AUTO:
+    if precision == AUTO:
         precision = AUTO_PRECISION.get(dev.type, "fp32")
     settings = dict(net=net, dev=dev, task=task, routing=routing, tile=tile, ovl=ovl, batch=batch, streams=streams, bgr=bgr,
                     lo=lo, hi=hi, multiple=multiple, preserve_mean=preserve_mean, tlc_window=window,
@@ -571,51 +397,13 @@ def deblur(
     if axis is None:
         out = out[..., 0]
     else:
-        out = _moveaxis(out, -1, axis)
+        out = moveaxis(out, -1, axis)
     if isinstance(image, np.ma.MaskedArray):
         out = np.ma.MaskedArray(out, mask=np.ma.nomask if mask is np.ma.nomask else mask.copy())
     info.update(device=str(dev), precision=precision, ensemble=int(ensemble), tile_size=tile, overlap=ovl,
                 batch_size=batch, streams=streams,
                 normalization=(lo, hi), seconds=time.perf_counter() - t0)
     return (out, info) if return_info else out
-
-
-def _channels_last(a, axis: int | None):
-    """``(..., H, W, C)``: the channel axis moved last, or a length-1 one added where there is none."""
-    return a[..., None] if axis is None else _moveaxis(a, axis, -1)
-
-
-def _moveaxis(a, src, dst):
-    if hasattr(a, "compute"):
-        import dask.array as da
-
-        return da.moveaxis(a, src, dst)
-    return np.moveaxis(a, src, dst)
-
-
-def _jobs(channels: int, model_channels: int, bgr: bool) -> list[tuple[list[int], str]]:
-    """How the channels of one plane are restored: lists of channel indices and a mode."""
-    rgb = [2, 1, 0] if bgr else [0, 1, 2]
-    if model_channels == 3 and channels in (3, 4):
-        return [(rgb, "rgb")]  # alpha (channel 3) is passed through
-    return [([c], "gray") for c in range(channels)]
-
-
-def _match_mean(out: np.ndarray, src: np.ndarray, chans: list[int], rows: int = 1024) -> None:
-    """Shift ``out[..., chans]`` (in place) so its mean equals ``src[..., chans]``'s.
-
-    Works in blocks of rows, so memory stays small on gigapixel planes.
-    """
-    n = src.shape[0] * src.shape[1] * len(chans)
-    total_in = sum(float(src[y : y + rows][..., chans].sum(dtype=np.float64)) for y in range(0, src.shape[0], rows))
-    total_out = sum(float(out[y : y + rows][..., chans].sum(dtype=np.float64)) for y in range(0, out.shape[0], rows))
-    shift = (total_in - total_out) / n
-    if abs(shift) < 1e-12:
-        return
-    for y in range(0, out.shape[0], rows):
-        ftype = _float_for(out.dtype)
-        block = out[y : y + rows][..., chans].astype(ftype) + ftype(shift)
-        out[y : y + rows, :, chans] = _to_dtype(block, out.dtype)
 
 
 def _as_slice(idx: np.ndarray) -> slice | None:
@@ -641,13 +429,10 @@ def _tile_reader(plane: np.ndarray, chans: list[int], mode: str, s: dict):
     Normalises to [0, 1] per tile (never the whole image at once) and
     replicates gray to the model's three channels.
     """
-    ftype = _float_for(plane.dtype)
-    lo = ftype(s["lo"])
-    scale = ftype(1.0 / (s["hi"] - s["lo"]))
     replicate = mode == "gray" and s["net"].img_channel == 3
 
     def read(rows, cols):
-        t = ((_crop(plane, rows, cols)[..., chans].astype(ftype) - lo) * scale).astype(np.float32, copy=False)
+        t = to_unit(_crop(plane, rows, cols)[..., chans], s["lo"], s["hi"])
         if not np.abs(t).max() <= INPUT_LIMIT:  # inf once in float32, and NaN all over the tile after the network
             raise ValueError(f"some pixels lie over {INPUT_LIMIT:g} times the intensity range ({s['lo']:g} to "
                              f"{s['hi']:g}) away from it, too far for the network's float32 arithmetic; clip them "
@@ -672,12 +457,10 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
     out = np.empty_like(planes)
     if c == 4 and net.img_channel == 3:
         out[..., 3] = planes[..., 3]
-    jobs = _jobs(c, net.img_channel, s["bgr"])
+    jobs = channel_jobs(c, net.img_channel, s["bgr"])
     plan = tiling.plan_summary(h, w, s["tile"], s["ovl"], s["multiple"])
     total = plan["tiles"] * len(jobs) * len(planes)
     report = _progress(progress, total)
-    ftype = _float_for(out.dtype)
-    scale = ftype(1.0 / (s["hi"] - s["lo"]))
     probs_all = []
 
     for p, plane in enumerate(planes):
@@ -687,8 +470,7 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
             def write(y0, y1, block, p=p, chans=chans, mode=mode):
                 if mode == "gray" and net.img_channel == 3:
                     block = block.mean(axis=0, keepdims=True)
-                block = block.transpose(1, 2, 0) / scale + ftype(s["lo"])
-                out[p][y0:y1, :, chans] = _to_dtype(block, out.dtype)
+                out[p][y0:y1, :, chans] = from_unit(block.transpose(1, 2, 0), s["lo"], s["hi"], out.dtype)
 
             first = len(probs_all)  # this job's routing records start here
             weights = None
@@ -708,7 +490,7 @@ def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray
             used = _experts_used(s["task"], probs_all[first:], net)
             keep = s["preserve_mean"] if s["preserve_mean"] is not None else "low_light" not in used
             if keep:
-                _match_mean(out[p], plane, chans)
+                match_mean(out[p], plane, chans)
     if report is not None:
         report.close()
     info = _routing_info(s["task"], probs_all, net)
@@ -783,12 +565,12 @@ def _deblur_dask(moved, s: dict):
         ch, cw = min(h, 4 * s["tile"]), min(w, 4 * s["tile"])
         y0, x0 = (h - ch) // 2, (w - cw) // 2
         crop = np.asarray(plane[y0 : y0 + ch, x0 : x0 + cw].compute())
-        crop = _filled(crop, s["nan_policy"])[0]
+        crop = without_holes(crop, s["nan_policy"])[0]
         probs = _route_crop(crop, s)
     info = _routing_info(s["task"], [] if probs is None else [probs], net)
     info.update(tiles=None, tile_shape=None, computed=None)  # planned per chunk, lazily
     if s["nan_policy"] == "raise" and moved.dtype.kind == "f":  # each chunk's own pixels, counted once
-        moved = moved.map_blocks(_finite_chunk, dtype=moved.dtype)
+        moved = moved.map_blocks(finite_chunk, dtype=moved.dtype)
     margin = 2 * s["ovl"] + s["multiple"]  # context each chunk borrows from its neighbours
     depth = {i: 0 for i in range(moved.ndim)}
     depth[moved.ndim - 3] = min(margin, h)  # dask refuses a depth beyond the array
@@ -799,7 +581,7 @@ def _deblur_dask(moved, s: dict):
     block_settings = {**s, "preserve_mean": False, "streams": 1}
 
     def block_fn(block):
-        filled, holes = _filled(block, s["nan_policy"])
+        filled, holes = without_holes(block, s["nan_policy"])
         out = _deblur_numpy(filled, block_settings, False, fixed_probs=probs)[0]
         if holes is not None:
             out[holes] = block[holes]
@@ -809,23 +591,9 @@ def _deblur_dask(moved, s: dict):
     return out, info
 
 
-def _finite_chunk(block: np.ndarray, block_info=None) -> np.ndarray:
-    """``block`` as it is, or ValueError counting its NaN/Inf (checked before neighbours borrow its pixels)."""
-    bad = int(np.count_nonzero(~np.isfinite(block)))
-    if bad:
-        where = ""
-        if block_info:
-            (y0, y1), (x0, x1) = block_info[0]["array-location"][-3:-1]
-            where = f" in its chunk at rows {y0}-{y1 - 1}, columns {x0}-{x1 - 1}"
-        raise ValueError(f"image contains {bad} NaN or infinite value(s){where} (lazy input is checked chunk by "
-                         "chunk, as it is computed); pass nan_policy='keep' to restore the pixels around them "
-                         "and keep them as they are, or replace them (e.g. da.nan_to_num) first")
-    return block
-
-
 def _route_crop(crop: np.ndarray, s: dict) -> np.ndarray:
     """Routing probabilities of a ``(H, W, C)`` crop, estimated as for a whole image."""
-    chans, mode = _jobs(crop.shape[-1], s["net"].img_channel, s["bgr"])[0]
+    chans, mode = channel_jobs(crop.shape[-1], s["net"].img_channel, s["bgr"])[0]
     read = _tile_reader(crop, chans, mode, s)
     return _route_image(s["net"], s["dev"], read, crop.shape[0], crop.shape[1], s["tile"], s["multiple"],
                         batch=s["batch"], window=s["tlc_window"])  # the pooling the chunks are restored with
