@@ -14,7 +14,7 @@ import torch
 
 from . import tiling
 from ._arrays import (AUTO, channel_jobs, channels_last, check_image, check_sizes, finite_chunk, from_unit,
-                      intensity_range, match_mean, moveaxis, resolve_channel_axis, to_unit, without_holes)
+                      intensity_range, match_mean, moveaxis, resolve_channel_axis, without_holes)
 from .checkpoint import load_model
 from .devices import (AUTO_PRECISION, DEFAULT_BATCH, DEFAULT_TILE, PRECISIONS, default_streams, resolve_device,
                       tile_streams)
@@ -34,10 +34,6 @@ def default_model(device: str | torch.device | None = None) -> DeMoE:
     if key not in _model_cache:
         _model_cache[key] = load_model(device=dev)
     return _model_cache[key]
-
-
-#: Largest network input, in intensity ranges from the range: beyond, float32 overflows in the network.
-INPUT_LIMIT = 1e20
 
 
 # -- the network on tiles ------------------------------------------------------------------
@@ -138,12 +134,7 @@ def _route_image(model: DeMoE, device, read, height, width, tile, multiple, batc
     """
     ay = tiling.plan_axis(height, tile, 0 if tile <= multiple else min(multiple, tile // 4), multiple)
     ax = tiling.plan_axis(width, tile, 0 if tile <= multiple else min(multiple, tile // 4), multiple)
-    candidates = []
-    for i in range(ay.count):
-        for j in range(ax.count):
-            rows = tiling.reflect_index(np.arange(i * ay.stride, i * ay.stride + ay.tile), height)
-            cols = tiling.reflect_index(np.arange(j * ax.stride, j * ax.stride + ax.tile), width)
-            candidates.append((rows, cols))
+    candidates = [(rows, cols) for rows in ay.indices(first=0) for cols in ax.indices(first=0)]
     if len(candidates) > 4 * ROUTING_TILES:  # spread a subset evenly over the image
         pick = np.linspace(0, len(candidates) - 1, 4 * ROUTING_TILES).round().astype(int)
         candidates = [candidates[k] for k in pick]
@@ -406,41 +397,9 @@ def deblur(
     return (out, info) if return_info else out
 
 
-def _as_slice(idx: np.ndarray) -> slice | None:
-    """``idx`` as a slice when it is a run of consecutive indices, else None."""
-    if idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
-        return slice(int(idx[0]), int(idx[-1]) + 1)
-    return None
-
-
-def _crop(plane: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``plane[rows][:, cols]``; interior tiles are sliced, only border tiles gather reflected indices."""
-    rs, cs = _as_slice(rows), _as_slice(cols)
-    if rs is not None:
-        return plane[rs, cs] if cs is not None else plane[rs][:, cols]
-    if cs is not None:
-        return plane[:, cs][rows]
-    return plane[rows[:, None], cols[None, :]]
-
-
 def _tile_reader(plane: np.ndarray, chans: list[int], mode: str, s: dict):
-    """``read(rows, cols)`` for the tiler: the ``(C, h, w)`` network input at those indices.
-
-    Normalises to [0, 1] per tile (never the whole image at once) and
-    replicates gray to the model's three channels.
-    """
-    replicate = mode == "gray" and s["net"].img_channel == 3
-
-    def read(rows, cols):
-        t = to_unit(_crop(plane, rows, cols)[..., chans], s["lo"], s["hi"])
-        if not np.abs(t).max() <= INPUT_LIMIT:  # inf once in float32, and NaN all over the tile after the network
-            raise ValueError(f"some pixels lie over {INPUT_LIMIT:g} times the intensity range ({s['lo']:g} to "
-                             f"{s['hi']:g}) away from it, too far for the network's float32 arithmetic; clip them "
-                             "first (np.clip), or mark them as holes (NaN with nan_policy='keep', or a numpy.ma mask)")
-        t = t.transpose(2, 0, 1)
-        return np.repeat(t, 3, axis=0) if replicate else t
-
-    return read
+    """The tiler's reader of ``plane``'s channels ``chans``: gray replicated to a colour network's three."""
+    return tiling.tile_reader(plane, chans, s["lo"], s["hi"], repeat=3 if mode == "gray" and s["net"].img_channel == 3 else 1)
 
 
 def _deblur_numpy(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
