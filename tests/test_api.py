@@ -359,18 +359,16 @@ def test_tile_streams_default_and_thread_setting_restored_on_cancel(identity_mod
 
 @pytest.mark.parametrize(("streams", "tried"), [(1, {4, 2, 1}), (2, {3, 1})])  # two streams: 3 + 3 tiles, 3 halves to 1
 def test_cuda_oom_halves_the_batch(identity_model, monkeypatch, streams, tried):
-    from demoe import api
-
-    original = api._Runner._run
+    original = identity_model.forward
     sizes = []
 
-    def flaky(self, chunk):
-        sizes.append(len(chunk))
-        if len(chunk) > 1:
+    def flaky(x, *args, **kwargs):  # the network runs out of memory on more than one tile
+        sizes.append(len(x))
+        if len(x) > 1:
             raise torch.cuda.OutOfMemoryError("simulated")
-        return original(self, chunk)
+        return original(x, *args, **kwargs)
 
-    monkeypatch.setattr(api._Runner, "_run", flaky)
+    monkeypatch.setattr(identity_model, "forward", flaky)
     img = np.random.default_rng(0).random((40, 64)).astype(np.float32)  # rows of 5 tiles: batches of 4
     with pytest.warns(RuntimeWarning, match="out of memory"):
         out = deblur(img, model=identity_model, tile_size=16, overlap=4, batch_size=4, device="cpu", streams=streams)
