@@ -8,8 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import demoe
+import demoe.devices
 from demoe import TASKS, deblur
-from demoe.api import default_model as cached_default
+from demoe.checkpoint import cached_model
 
 
 def psnr(a, b, peak=255.0):
@@ -376,8 +377,18 @@ def test_cuda_oom_halves_the_batch(identity_model, monkeypatch, streams, tried):
     assert set(sizes) == tried
 
 
-def test_default_model_cached_per_device():
-    assert cached_default("cpu") is cached_default("cpu")
+def test_default_model_cached_per_device(tmp_path, identity_model, monkeypatch):
+    assert cached_model(None, "cpu") is cached_model(None, "cpu")
+    if demoe.devices.resolve_device(None).type == "cpu":  # one key per device, however it is named
+        assert cached_model(None, None) is cached_model(None, "auto") is cached_model(None, "cpu")
+    seen = []  # deblur()'s default model is the cached one
+    monkeypatch.setattr(cached_model(None, "cpu"), "forward", lambda x, *a, **k: seen.append(len(x)) or x)
+    deblur(np.zeros((16, 16), np.float32), device="cpu", task="defocus")
+    assert seen
+    path = demoe.save_model(identity_model, tmp_path / "id.safetensors")
+    monkeypatch.chdir(tmp_path)
+    assert cached_model(path, "cpu") is cached_model("id.safetensors", "cpu")  # one file, however named
+    assert cached_model(path, "cpu") is not cached_model(None, "cpu")
 
 
 def test_checkpoint_path_as_model(tmp_path, identity_model):

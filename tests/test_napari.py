@@ -10,17 +10,27 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 from napari_demoe import _sample_data  # noqa: E402
-from napari_demoe._widget import (DeblurSettings, DeblurWidget, _models, deblur_layer_data,  # noqa: E402
+from napari_demoe._widget import (DeblurSettings, DeblurWidget, deblur_layer_data,  # noqa: E402
                                   result_layer_kwargs, routing_text)
 
 
+def _packaged_default_is(model, monkeypatch):
+    """The packaged default weights load as ``model`` (checkpoint files as they are), in a fresh model cache."""
+    from demoe import checkpoint
+
+    load = checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model", lambda source=None, **kw: model if source is None else load(source, **kw))
+    checkpoint.clear_model_cache()
+
+
 @pytest.fixture
-def use_model(tiny_model):
+def use_model(tiny_model, monkeypatch):
     """The widget's "packaged default" becomes a small random model (fast)."""
-    _models.clear()
-    _models[(None, None)] = tiny_model
+    from demoe.checkpoint import clear_model_cache
+
+    _packaged_default_is(tiny_model, monkeypatch)
     yield
-    _models.clear()
+    clear_model_cache()
 
 
 @pytest.fixture
@@ -335,6 +345,8 @@ def slow_model(tiny_model, monkeypatch):
     """The widget's model, each of its tile batches taking a while, so that napari can be closed in the middle."""
     import time
 
+    from demoe.checkpoint import clear_model_cache
+
     forward = type(tiny_model).forward
 
     def slow_forward(self, *args, **kwargs):
@@ -342,10 +354,9 @@ def slow_model(tiny_model, monkeypatch):
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(type(tiny_model), "forward", slow_forward)
-    _models.clear()
-    _models[(None, None)] = tiny_model
+    _packaged_default_is(tiny_model, monkeypatch)
     yield
-    _models.clear()
+    clear_model_cache()
 
 
 @pytest.mark.parametrize("lazy", [False, True])

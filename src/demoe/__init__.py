@@ -15,6 +15,7 @@ _LAZY = {
     "CheckpointError": "checkpoint",
     "available_devices": "devices",
     "load_model": "checkpoint",
+    "cached_model": "checkpoint",
     "save_model": "checkpoint",
     "deblur": "api",
 }

@@ -16,7 +16,7 @@ from . import tiling
 from ._arrays import (AUTO, channel_jobs, channels_last, check_image, check_sizes, finite_chunk, from_unit,
                       intensity_range, match_mean, moveaxis, resolve_channel_axis, without_holes)
 from ._runner import Runner
-from .checkpoint import load_model
+from .checkpoint import cached_model, load_model
 from .devices import (AUTO_PRECISION, DEFAULT_BATCH, DEFAULT_TILE, PRECISIONS, default_streams, resolve_device,
                       tile_streams)
 from .model import TASKS, DeMoE
@@ -24,18 +24,6 @@ from .tasks import ENSEMBLES, task_index
 
 #: Tiles used to estimate one routing for a whole image.
 ROUTING_TILES = 8
-
-_model_cache: dict[str, DeMoE] = {}
-
-
-def default_model(device: str | torch.device | None = None) -> DeMoE:
-    """The packaged default model on ``device``, loaded once per device."""
-    dev = resolve_device(device)
-    key = str(dev)
-    if key not in _model_cache:
-        _model_cache[key] = load_model(device=dev)
-    return _model_cache[key]
-
 
 def _route_image(model: DeMoE, device, read, height, width, tile, multiple, batch: int | None = None,
                  pool: ThreadPoolExecutor | None = None, window: int | None = None) -> np.ndarray:
@@ -240,7 +228,7 @@ def deblur(
 
     dev = resolve_device(device)
     if model is None:
-        net = default_model(dev)
+        net = cached_model(None, dev)
     elif isinstance(model, (str, Path)):
         net = load_model(model, device=dev)
     elif isinstance(model, DeMoE):

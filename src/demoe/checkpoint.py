@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,33 @@ def load_model(
     model = model_from_state_dict(state_dict, top_k=top_k, metadata=metadata, origin=str(source))
     model.source = str(source)
     return model.to(resolve_device(device)).eval()
+
+
+_models: dict[tuple[str | None, str], DeMoE] = {}  # (resolved file or None, device) -> model
+_models_lock = threading.Lock()
+
+
+def cached_model(source: str | Path | None = None, device: str | torch.device | None = None, *,
+                 load: bool = True) -> DeMoE | None:
+    """:func:`load_model`, once per file and device: one model object for every caller of the process.
+
+    ``deblur()``'s default model, the napari widget and a script in napari's
+    console share it instead of loading copies. The model is shared: leave its
+    weights and attributes as they are. ``load=False`` returns None for a
+    model not loaded yet (nothing is read).
+    """
+    dev = resolve_device(device)
+    key = (None if source is None else str(Path(source).resolve()), str(dev))
+    with _models_lock:
+        if key not in _models and load:
+            _models[key] = load_model(source, device=dev)
+        return _models.get(key)
+
+
+def clear_model_cache() -> None:
+    """Forget the models :func:`cached_model` loaded (they are loaded again when next asked for)."""
+    with _models_lock:
+        _models.clear()
 
 
 def save_model(model: DeMoE, path: str | Path, **metadata: Any) -> Path:
