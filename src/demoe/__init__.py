@@ -18,6 +18,7 @@ _LAZY = {
     "cached_model": "checkpoint",
     "save_model": "checkpoint",
     "deblur": "api",
+    "classify_blur": "routing",
 }
 
 __all__ = ["TASKS", "TASK_LABELS", "__version__", *_LAZY]

@@ -1,61 +1,34 @@
-"""``deblur()``: restore numpy or dask arrays of any size, dtype and layout."""
+"""``deblur()``: restore numpy or dask arrays of any size, dtype and layout.
+
+The data path: the arguments are checked and resolved once into a frozen plan
+(``_plan.py``); the image, laid out ``(..., H, W, C)``, is restored plane by
+plane (numpy) or chunk by chunk (dask): every plane is routed once
+(``routing.py``) or tile by tile, cut into overlapping tiles that the network
+restores (``tiling.py``, ``_runner.py``), stitched back and mapped to the
+input's intensities, dtype and layout (``_arrays.py``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import tiling
-from ._arrays import (AUTO, channel_jobs, channels_last, check_image, check_sizes, finite_chunk, from_unit,
-                      intensity_range, match_mean, moveaxis, resolve_channel_axis, without_holes)
+from ._arrays import AUTO, channel_jobs, finite_chunk, from_unit, match_mean, without_holes
+from ._plan import DeblurPlan, make_plan
 from ._runner import Runner
-from .checkpoint import cached_model, load_model
-from .devices import (AUTO_PRECISION, DEFAULT_BATCH, DEFAULT_TILE, PRECISIONS, default_streams, resolve_device,
-                      tile_streams)
-from .model import TASKS, DeMoE
-from .tasks import ENSEMBLES, task_index
-
-#: Tiles used to estimate one routing for a whole image.
-ROUTING_TILES = 8
-
-def _route_image(model: DeMoE, device, read, height, width, tile, multiple, batch: int | None = None,
-                 pool: ThreadPoolExecutor | None = None, window: int | None = None) -> np.ndarray:
-    """Routing weights for a whole image: the average over its most textured tiles.
-
-    The tiles go through the router ``batch`` at a time (default: all at once),
-    spread over ``pool``'s threads when one is given, with the network's pooling
-    ``window`` (``DeMoE.forward(pool_window=...)``).
-    """
-    ay = tiling.plan_axis(height, tile, 0 if tile <= multiple else min(multiple, tile // 4), multiple)
-    ax = tiling.plan_axis(width, tile, 0 if tile <= multiple else min(multiple, tile // 4), multiple)
-    candidates = [(rows, cols) for rows in ay.indices(first=0) for cols in ax.indices(first=0)]
-    if len(candidates) > 4 * ROUTING_TILES:  # spread a subset evenly over the image
-        pick = np.linspace(0, len(candidates) - 1, 4 * ROUTING_TILES).round().astype(int)
-        candidates = [candidates[k] for k in pick]
-    tiles = [read(r, c) for r, c in candidates]
-    # Flat tiles say nothing about blur: weight the vote by texture (gradient energy).
-    energy = np.array([np.abs(np.diff(t, axis=-1)).mean() + np.abs(np.diff(t, axis=-2)).mean() for t in tiles])
-    order = np.argsort(-energy)[:ROUTING_TILES]
-    chosen = np.stack([tiles[k] for k in order])
-
-    def route(part: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model.route(torch.from_numpy(part).to(device), pool_window=window).float().cpu().numpy()
-
-    parts = np.array_split(chosen, -(-len(chosen) // (batch or len(chosen))))
-    probs = np.concatenate(list(pool.map(route, parts)) if pool is not None else [route(p) for p in parts])
-    w = energy[order] + 1e-12
-    return (probs * w[:, None]).sum(0) / w.sum()
+from .devices import tile_streams
+from .model import DeMoE
+from .routing import experts_used, image_routing, lazy_image_routing, plane_reader, routing_info
 
 
-# -- public API -----------------------------------------------------------------------------
 def deblur(
     image,
     task: str | None = None,
@@ -204,192 +177,100 @@ def deblur(
     (dtype('uint16'), True)
     """
     t0 = time.perf_counter()
-    arr, is_dask = check_image(image)
-    if task == AUTO:
-        task = None
-    if task is not None:
-        task_index(task, auto=True)
-    if routing not in ("image", "tile"):
-        raise ValueError(f"routing must be 'image' or 'tile', got {routing!r}")
-    if precision != AUTO and precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
-    if isinstance(ensemble, bool) or not isinstance(ensemble, (int, np.integer)) or ensemble not in ENSEMBLES:
-        raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLES))} (copies of each tile averaged), "
-                         f"got {ensemble!r}")
-    if preserve_mean not in (None, True, False):
-        raise ValueError(f"preserve_mean must be True, False or None (default: on unless low light is used), "
-                         f"got {preserve_mean!r}")
-    if is_dask and preserve_mean:
-        raise ValueError("preserve_mean=True needs each whole plane, which a lazy dask array does not give; "
-                         "compute it first (np.asarray(image)) or leave preserve_mean at None")
-    if nan_policy not in ("raise", "keep"):
-        raise ValueError(f"nan_policy must be 'raise' or 'keep', got {nan_policy!r}")
-    axis = resolve_channel_axis(arr.shape, channel_axis)
-
-    dev = resolve_device(device)
-    if model is None:
-        net = cached_model(None, dev)
-    elif isinstance(model, (str, Path)):
-        net = load_model(model, device=dev)
-    elif isinstance(model, DeMoE):
-        net = model.to(dev).eval()
-    else:
-        raise TypeError(f"model must be a DeMoE, a checkpoint path or None, got {type(model).__name__}")
-    multiple = net.padder_size
-    check_sizes(tile_size, overlap, batch_size, multiple, streams)
-    patch = int(net.metadata.get("patch_size", 0) or 0)  # training patch, if recorded
-    if tile_size is not None:
-        tile = int(tile_size)
-    else:  # the device's best size, but no smaller than the patches the model was trained on
-        tile = max(DEFAULT_TILE.get(dev.type, 256), patch)
-    tile = -(-tile // multiple) * multiple
-    ovl = int(overlap) if overlap is not None else tile // 8
-    if 2 * ovl >= tile:
-        raise ValueError(f"overlap ({ovl}) must be less than half the tile size ({tile})")
-    # A tile beyond the image and its overlap adds nothing but memory (tile_size=200000 took 23 GB on 64 x 64).
-    longest = max([n for i, n in enumerate(arr.shape) if i != axis][-2:])
-    fitted = tiling.fit_tile(tile, ovl, longest, multiple, least=DEFAULT_TILE.get(dev.type, 256))
-    if fitted < tile:
-        tile, ovl = fitted, (fitted // 8 if overlap is None else min(ovl, longest))
-    batch = int(batch_size) if batch_size is not None else DEFAULT_BATCH.get(dev.type, 1)
-    streams = default_streams(dev) if streams is None else int(streams)
-
-    # Channels last, planes first: (P, H, W, C).
-    moved = channels_last(arr, axis)
-    # Masked pixels (numpy.ma) and, with nan_policy='keep', NaN/Inf: restored around, given back as they were.
-    mask = np.ma.getmask(image) if isinstance(image, np.ma.MaskedArray) else np.ma.nomask
-    masked = None if mask is np.ma.nomask else channels_last(np.broadcast_to(mask, arr.shape), axis)
-    filled, holes = without_holes(moved, nan_policy, masked) if not is_dask else (moved, None)
-    lo, hi = intensity_range(filled, normalize)
-    if tlc is True:
-        window = int(patch or 256)
-    elif tlc is False or tlc is None:
-        window = None
-    elif isinstance(tlc, (int, np.integer)) and tlc > 0:
-        window = int(tlc)
-    else:
-        raise ValueError(f"tlc must be True, False or a window size in pixels (> 0), got {tlc!r}")
-    if window is not None and window >= tile:
-        window = None  # a window spanning every tile is the global pooling
-    if precision == AUTO:
-        precision = AUTO_PRECISION.get(dev.type, "fp32")
-    settings = dict(net=net, dev=dev, task=task, routing=routing, tile=tile, ovl=ovl, batch=batch, streams=streams, bgr=bgr,
-                    lo=lo, hi=hi, multiple=multiple, preserve_mean=preserve_mean, tlc_window=window,
-                    precision=precision, ensemble=int(ensemble), nan_policy=nan_policy)
-
-    if is_dask:
+    plan, inp = make_plan(image, task=task, model=model, channel_axis=channel_axis, tile_size=tile_size,
+                          overlap=overlap, routing=routing, normalize=normalize, device=device, batch_size=batch_size,
+                          streams=streams, bgr=bgr, preserve_mean=preserve_mean, tlc=tlc, precision=precision,
+                          ensemble=ensemble, nan_policy=nan_policy)
+    if inp.is_dask:
         if progress:
             warnings.warn("progress is not reported for dask input: the result is lazy and computed later; "
                           "wrap its computation in tqdm.dask.TqdmCallback() for a bar", RuntimeWarning, stacklevel=2)
-        out, info = _deblur_dask(moved, settings)
+        out, info = _deblur_dask(inp.moved, plan)
     else:
-        out, info = _deblur_numpy(filled, settings, progress)
-        if holes is not None:
-            out[holes] = moved[holes]
-    if axis is None:
-        out = out[..., 0]
-    else:
-        out = moveaxis(out, -1, axis)
-    if isinstance(image, np.ma.MaskedArray):
-        out = np.ma.MaskedArray(out, mask=np.ma.nomask if mask is np.ma.nomask else mask.copy())
-    info.update(device=str(dev), precision=precision, ensemble=int(ensemble), tile_size=tile, overlap=ovl,
-                batch_size=batch, streams=streams,
-                normalization=(lo, hi), seconds=time.perf_counter() - t0)
-    return (out, info) if return_info else out
+        out, info = _deblur_numpy(inp.network, plan, progress)
+    info.update(plan.info(), seconds=time.perf_counter() - t0)
+    return (inp.restored(out), info) if return_info else inp.restored(out)
 
 
-def _tile_reader(plane: np.ndarray, chans: list[int], mode: str, s: dict):
-    """The tiler's reader of ``plane``'s channels ``chans``: gray replicated to a colour network's three."""
-    return tiling.tile_reader(plane, chans, s["lo"], s["hi"], repeat=3 if mode == "gray" and s["net"].img_channel == 3 else 1)
-
-
-def _deblur_numpy(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """Restore a ``(..., H, W, C)`` array."""
-    with tile_streams(s["streams"]) as pool:
-        return _deblur_planes(moved, s, progress, fixed_probs, pool)
-
-
-def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray | None,
-                   pool: ThreadPoolExecutor | None) -> tuple[np.ndarray, dict]:
-    net, dev = s["net"], s["dev"]
+def _deblur_numpy(moved: np.ndarray, plan: DeblurPlan, progress,
+                  fixed_probs: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Restore a ``(..., H, W, C)`` array plane by plane; ``fixed_probs``: one routing for all of them."""
+    net = plan.net
     *lead, h, w, c = moved.shape
     planes = moved.reshape(-1, h, w, c)
     out = np.empty_like(planes)
     if c == 4 and net.img_channel == 3:
         out[..., 3] = planes[..., 3]
-    jobs = channel_jobs(c, net.img_channel, s["bgr"])
-    plan = tiling.plan_summary(h, w, s["tile"], s["ovl"], s["multiple"])
-    total = plan["tiles"] * len(jobs) * len(planes)
-    report = _progress(progress, total)
-    probs_all = []
+    jobs = channel_jobs(c, net.img_channel, plan.bgr)
+    summary = tiling.plan_summary(h, w, plan.tile, plan.overlap, plan.multiple)
+    total = summary["tiles"] * len(jobs) * len(planes)
+    report = None if progress is False or progress is None else _Progress(progress, total)
+    records = []  # routing probabilities: one per plane and job (image routing) or per tile
+    with tile_streams(plan.streams) as pool:
+        for p, plane in enumerate(planes):
+            for chans, mode in jobs:
+                read = plane_reader(plane, chans, mode, plan)
 
-    for p, plane in enumerate(planes):
-        for chans, mode in jobs:
-            read = _tile_reader(plane, chans, mode, s)
+                def write(y0, y1, block, p=p, chans=chans, mode=mode):
+                    if mode == "gray" and net.img_channel == 3:
+                        block = block.mean(axis=0, keepdims=True)
+                    out[p][y0:y1, :, chans] = from_unit(block.transpose(1, 2, 0), plan.lo, plan.hi, out.dtype)
 
-            def write(y0, y1, block, p=p, chans=chans, mode=mode):
-                if mode == "gray" and net.img_channel == 3:
-                    block = block.mean(axis=0, keepdims=True)
-                out[p][y0:y1, :, chans] = from_unit(block.transpose(1, 2, 0), s["lo"], s["hi"], out.dtype)
-
-            first = len(probs_all)  # this job's routing records start here
-            weights = None
-            if s["task"] is None and s["routing"] == "image":
-                probs = fixed_probs
-                if probs is None:
-                    probs = _route_image(net, dev, read, h, w, s["tile"], s["multiple"], batch=s["batch"], pool=pool,
-                                         window=s["tlc_window"])
-                weights = torch.from_numpy(np.asarray(probs)).float().to(dev)[None]
-                probs_all.append(probs)
-            runner = Runner(net, dev, s["task"], weights, record=probs_all, precision=s["precision"],
-                             pool=pool, streams=s["streams"], ensemble=s["ensemble"], window=s["tlc_window"])
-            tiling.stitch(read, runner, write, h, w, tile=s["tile"], overlap=s["ovl"], multiple=s["multiple"],
-                          batch_size=s["batch"] * s["streams"], progress=report)
-            # The low-light expert is meant to change the exposure: by default, a plane where it
-            # restored anything (the whole plane, or some of its tiles) keeps its new mean.
-            used = _experts_used(s["task"], probs_all[first:], net)
-            keep = s["preserve_mean"] if s["preserve_mean"] is not None else "low_light" not in used
-            if keep:
-                match_mean(out[p], plane, chans)
+                first = len(records)  # this job's routing records start here
+                weights = None
+                if plan.routes_images:
+                    probs = fixed_probs if fixed_probs is not None else image_routing(read, h, w, plan, pool)
+                    weights = torch.from_numpy(np.asarray(probs)).float().to(plan.device)[None]
+                    records.append(probs)
+                runner = Runner(net, plan.device, plan.task, weights, record=records, precision=plan.precision,
+                                pool=pool, streams=plan.streams, ensemble=plan.ensemble, window=plan.window)
+                tiling.stitch(read, runner, write, h, w, tile=plan.tile, overlap=plan.overlap,
+                              multiple=plan.multiple, batch_size=plan.batch * plan.streams, progress=report)
+                # The low-light expert is meant to change the exposure: by default, a plane where it
+                # restored anything (the whole plane, or some of its tiles) keeps its new mean.
+                used = experts_used(plan.task, records[first:], net)
+                keep = plan.preserve_mean if plan.preserve_mean is not None else "low_light" not in used
+                if keep:
+                    match_mean(out[p], plane, chans)
     if report is not None:
         report.close()
-    info = _routing_info(s["task"], probs_all, net)
-    if s["task"] is None and s["routing"] == "tile":
-        info["tile_tasks"] = dict(Counter(_experts_used(None, probs_all, net)).most_common())
-    info.update(tiles=total, tile_shape=plan["tile_shape"], computed=plan["computed"] * s["ensemble"])
+    info = routing_info(plan.task, records, net)
+    if plan.task is None and plan.routing == "tile":
+        info["tile_tasks"] = dict(Counter(experts_used(None, records, net)).most_common())
+    info.update(tiles=total, tile_shape=summary["tile_shape"], computed=summary["computed"] * plan.ensemble)
     return out.reshape(moved.shape), info
 
 
-def _experts_used(task, records, net) -> list[str]:
-    """The expert that restored each routed tile (its top routing weight), or the forced one."""
-    if task is not None:
-        return [task]
-    names = TASKS[: net.num_exp]
-    return [names[int(np.argmax(p))] for p in records]
+def _deblur_dask(moved, plan: DeblurPlan):
+    """Lazy: every chunk (all channels, overlapping neighbours) restored on demand."""
+    *lead, h, w, c = moved.shape
+    # Whole channel axis per chunk, one plane per chunk, spatial chunks as given.
+    moved = moved.rechunk({**{i: 1 for i in range(len(lead))}, moved.ndim - 1: -1})
+    probs = lazy_image_routing(moved, plan) if plan.routes_images else None
+    info = routing_info(plan.task, [] if probs is None else [probs], plan.net)
+    info.update(tiles=None, tile_shape=None, computed=None)  # planned per chunk, lazily
+    if plan.nan_policy == "raise" and moved.dtype.kind == "f":  # each chunk's own pixels, counted once
+        moved = moved.map_blocks(finite_chunk, dtype=moved.dtype)
+    margin = 2 * plan.overlap + plan.multiple  # context each chunk borrows from its neighbours
+    depth = {i: 0 for i in range(moved.ndim)}
+    depth[moved.ndim - 3] = min(margin, h)  # dask refuses a depth beyond the array
+    depth[moved.ndim - 2] = min(margin, w)
+    # Mean matching needs the whole plane; per chunk it could leave steps at chunk borders.
+    # dask's own threads already restore chunks in parallel: one tile stream per chunk.
+    chunk_plan = dataclasses.replace(plan, preserve_mean=False, streams=1)
 
+    def block_fn(block):
+        filled, holes = without_holes(block, plan.nan_policy)
+        out = _deblur_numpy(filled, chunk_plan, False, fixed_probs=probs)[0]
+        if holes is not None:
+            out[holes] = block[holes]
+        return out
 
-def _routing_info(task, probs_all, net) -> dict:
-    names = TASKS[: net.num_exp]
-    if task is not None:
-        probs, used = np.eye(net.num_exp)[TASKS.index(task)], task
-    elif probs_all:
-        probs = np.mean(probs_all, axis=0)
-        used = names[int(np.argmax(probs))]
-    else:
-        probs, used = np.full(net.num_exp, np.nan), None
-    return {"probabilities": {n: float(p) for n, p in zip(names, probs)}, "task": used,
-            "forced": task is not None}
-
-
-def _progress(progress, total: int):
-    """None, or a reporter that turns per-batch tile counts into callbacks or a bar."""
-    if progress is False or progress is None:
-        return None
-    return _Progress(progress, total)
+    return moved.map_overlap(block_fn, depth=depth, boundary="reflect", dtype=moved.dtype), info
 
 
 class _Progress:
-    """Turns per-batch tile counts into ``(done, total)`` callbacks or a tqdm bar."""
+    """Turns per-batch tile counts into ``(done, total)`` callbacks or (``progress=True``) a tqdm bar."""
 
     def __init__(self, progress, total: int):
         self.total, self.done = total, 0
@@ -410,50 +291,3 @@ class _Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
-
-
-def _deblur_dask(moved, s: dict):
-    """Lazy: every chunk (all channels, overlapping neighbours) restored on demand."""
-    net = s["net"]
-    *lead, h, w, c = moved.shape
-    # Whole channel axis per chunk, one plane per chunk, spatial chunks as given.
-    moved = moved.rechunk({**{i: 1 for i in range(len(lead))}, moved.ndim - 1: -1})
-    probs = None
-    if s["task"] is None and s["routing"] == "image":
-        # One routing for the whole lazy image, from a central crop of its first plane.
-        plane = moved[(0,) * len(lead)]
-        ch, cw = min(h, 4 * s["tile"]), min(w, 4 * s["tile"])
-        y0, x0 = (h - ch) // 2, (w - cw) // 2
-        crop = np.asarray(plane[y0 : y0 + ch, x0 : x0 + cw].compute())
-        crop = without_holes(crop, s["nan_policy"])[0]
-        probs = _route_crop(crop, s)
-    info = _routing_info(s["task"], [] if probs is None else [probs], net)
-    info.update(tiles=None, tile_shape=None, computed=None)  # planned per chunk, lazily
-    if s["nan_policy"] == "raise" and moved.dtype.kind == "f":  # each chunk's own pixels, counted once
-        moved = moved.map_blocks(finite_chunk, dtype=moved.dtype)
-    margin = 2 * s["ovl"] + s["multiple"]  # context each chunk borrows from its neighbours
-    depth = {i: 0 for i in range(moved.ndim)}
-    depth[moved.ndim - 3] = min(margin, h)  # dask refuses a depth beyond the array
-    depth[moved.ndim - 2] = min(margin, w)
-
-    # Mean matching needs the whole plane; per chunk it could leave steps at chunk borders.
-    # dask's own threads already restore chunks in parallel: one tile stream per chunk.
-    block_settings = {**s, "preserve_mean": False, "streams": 1}
-
-    def block_fn(block):
-        filled, holes = without_holes(block, s["nan_policy"])
-        out = _deblur_numpy(filled, block_settings, False, fixed_probs=probs)[0]
-        if holes is not None:
-            out[holes] = block[holes]
-        return out
-
-    out = moved.map_overlap(block_fn, depth=depth, boundary="reflect", dtype=moved.dtype)
-    return out, info
-
-
-def _route_crop(crop: np.ndarray, s: dict) -> np.ndarray:
-    """Routing probabilities of a ``(H, W, C)`` crop, estimated as for a whole image."""
-    chans, mode = channel_jobs(crop.shape[-1], s["net"].img_channel, s["bgr"])[0]
-    read = _tile_reader(crop, chans, mode, s)
-    return _route_image(s["net"], s["dev"], read, crop.shape[0], crop.shape[1], s["tile"], s["multiple"],
-                        batch=s["batch"], window=s["tlc_window"])  # the pooling the chunks are restored with
