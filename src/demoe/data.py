@@ -302,7 +302,7 @@ class Prepared(NamedTuple):
     duplicates: tuple[Path, ...] = ()
 
 
-def _shrink(img: np.ndarray, short_side: int, min_downscale: float, max_aspect: float | None) -> np.ndarray:
+def shrink(img: np.ndarray, short_side: int, min_downscale: float, max_aspect: float | None) -> np.ndarray:
     """Centre-crop to ``max_aspect``, then shrink (area) by at least ``min_downscale`` to at most ``short_side``."""
     h, w = img.shape[:2]
     if max_aspect:
@@ -368,7 +368,7 @@ def prepare_photos(sources: Sequence[str | Path], out: str | Path, *, short_side
             img = decode_opencv(path, cv2.IMREAD_COLOR)[0]
         except ValueError:
             continue
-        small = _shrink(img, short_side, min_downscale, max_aspect)
+        small = shrink(img, short_side, min_downscale, max_aspect)
         if min(small.shape[:2]) < min_size:
             continue
         pixels, thumb, duplicates = img.shape[0] * img.shape[1], thumbnail(small), ()
