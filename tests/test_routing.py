@@ -34,8 +34,10 @@ def test_dask_is_routed_from_its_central_crop_as_deblur_does(tiny_model):
 
 def test_bad_input_gets_one_clear_error(tiny_model):
     img = np.zeros((32, 32, 3), np.float32)
-    with pytest.raises(TypeError, match="not a file name"):
+    with pytest.raises(TypeError, match=r"classify_blur\(\) takes an image array, not a file name"):
         classify_blur("photo.png")
+    with pytest.raises(TypeError, match="boolean images are not supported"):
+        classify_blur(img > 0)
     with pytest.raises(ValueError, match="tile_size must be an integer >= 4"):
         classify_blur(img, model=tiny_model, tile_size=3)
     img[3, 4, 0] = np.nan

@@ -14,14 +14,14 @@ PERCENTILES = (0.1, 99.9)
 
 
 # -- validation ---------------------------------------------------------------------------
-def check_image(image) -> tuple[Any, bool]:
+def check_image(image, caller: str = "deblur") -> tuple[Any, bool]:
     """``(array, is_dask)``: the image's array (a masked array's data); TypeError or ValueError for what
-    ``deblur()`` does not take."""
+    ``deblur()`` (or the function named ``caller``) does not take."""
     if isinstance(image, (str, Path)):
-        raise TypeError(f"deblur() takes an image array, not a file name ({str(image)!r}): read it first, e.g. "
+        raise TypeError(f"{caller}() takes an image array, not a file name ({str(image)!r}): read it first, e.g. "
                         "with skimage.io.imread or tifffile.imread, or run `demoe deblur FILE`")
     if image is None:
-        raise TypeError("deblur() got None instead of an image array")
+        raise TypeError(f"{caller}() got None instead of an image array")
     is_dask = type(image).__module__.split(".")[0] == "dask"
     arr = image if is_dask else np.ma.getdata(image)  # a masked array's mask is taken by deblur()
     if is_dask and any(not np.isfinite(n) for n in arr.shape):

@@ -79,9 +79,10 @@ class Input:
 
 
 def make_plan(image, *, task, model, channel_axis, tile_size, overlap, routing, normalize, device, batch_size,
-              streams, bgr, preserve_mean, tlc, precision, ensemble, nan_policy) -> tuple[DeblurPlan, Input]:
+              streams, bgr, preserve_mean, tlc, precision, ensemble, nan_policy,
+              caller: str = "deblur") -> tuple[DeblurPlan, Input]:
     """Check ``deblur()``'s arguments (one clear error for the first that is wrong) and plan the call."""
-    arr, is_dask = check_image(image)
+    arr, is_dask = check_image(image, caller)
     task = None if task == AUTO else task
     _check_options(task, routing, precision, ensemble, preserve_mean, nan_policy, is_dask)
     axis = resolve_channel_axis(arr.shape, channel_axis)

@@ -188,8 +188,9 @@ def deblur(
         out, info = _deblur_dask(inp.moved, plan)
     else:
         out, info = _deblur_numpy(inp.network, plan, progress)
+    out = inp.restored(out)
     info.update(plan.info(), seconds=time.perf_counter() - t0)
-    return (inp.restored(out), info) if return_info else inp.restored(out)
+    return (out, info) if return_info else out
 
 
 def _deblur_numpy(moved: np.ndarray, plan: DeblurPlan, progress,

@@ -74,7 +74,7 @@ def classify_blur(
     plan, inp = make_plan(image, task=None, model=model, channel_axis=channel_axis, tile_size=tile_size,
                           overlap=overlap, routing="image", normalize=normalize, device=device, batch_size=batch_size,
                           streams=streams, bgr=bgr, preserve_mean=None, tlc=tlc, precision=AUTO, ensemble=1,
-                          nan_policy=nan_policy)
+                          nan_policy=nan_policy, caller="classify_blur")
     if inp.is_dask:
         records = [lazy_image_routing(inp.moved, plan)]
     else:
