@@ -209,6 +209,9 @@ def test_pool_window_is_an_argument_of_the_call(tiny_model):
         assert (tiny_model.route(x, pool_window=16) - tiny_model.route(x)).abs().max() > 0
         _, logits = tiny_model(x, return_logits=True, pool_window=16)
         torch.testing.assert_close(logits, tiny_model.route_logits(x, pool_window=16))
+        for bad in (0, -8, 16.5, True, "16"):
+            with pytest.raises(ValueError, match="pool_window must be a window size in input pixels"):
+                tiny_model(x, pool_window=bad)
 
 
 def test_named_architectures_and_the_old_name_of_top_k():

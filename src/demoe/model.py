@@ -8,6 +8,7 @@ published checkpoints exactly (see ``docs/architecture.md``).
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -365,6 +366,8 @@ class DeMoE(nn.Module):
     def _pools(self, window: int | None) -> list[int | None]:
         """The pooling window of each level, 0 (full resolution) to L (the bottleneck): ``window``
         input pixels divided by the level's downsampling factor; None everywhere for global pooling."""
+        if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):
+            raise ValueError(f"pool_window must be a window size in input pixels (> 0) or None, got {window!r}")
         levels = len(self.encoders) + 1
         return [None if window is None else max(1, round(window / 2**i)) for i in range(levels)]
 
