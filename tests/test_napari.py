@@ -134,6 +134,7 @@ def test_widget_adds_result_layer(make_napari_viewer, qtbot, use_model):
                            contrast_limits=(10, 3000))
     assert widget.run_button.enabled
     widget.run()
+    assert widget.status.value == "Loading the model…"  # the first run loads it
     _wait(qtbot, widget)
     out = viewer.layers["cells deblurred"]
     assert out.data.shape == img.shape and out.data.dtype == np.uint16
@@ -143,6 +144,9 @@ def test_widget_adds_result_layer(make_napari_viewer, qtbot, use_model):
     assert set(meta["probabilities"]) >= {"defocus", "low_light"} and meta["settings"]["task"] == "auto"
     assert widget.routing.value.startswith("Detected:")
     assert widget.progress.value == widget.progress.max
+    widget.run()
+    assert widget.status.value == "Deblurring…"  # loaded once, for the process
+    _wait(qtbot, widget)
     np.testing.assert_array_equal(src.data, img)  # the input layer is untouched
     # Re-running updates the same layer instead of adding another.
     widget.task.value = "defocus"
