@@ -2,7 +2,7 @@
 
 deblur() on a 1.96 MP RGB uint8 image (scikit-image's astronaut tiled) with
 ``batch_size`` 1, 2 and 4, interleaved for ``--rounds`` rounds; the median counts.
-This is how the CPU default (``demoe.api.DEFAULT_BATCH["cpu"]``) was chosen.
+This is how the CPU default (``demoe.devices.DEFAULT_BATCH["cpu"]``) was chosen.
 
 Run from the repository root: ``python benchmarks/batch_size.py``.
 """

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from _report import save_report
 
-from demoe.api import DEFAULT_STREAMS, DEFAULT_TILE
+from demoe.devices import DEFAULT_STREAMS, DEFAULT_TILE
 
 DEFAULT_STREAMS_CPU, DEFAULT_TILE_CPU = DEFAULT_STREAMS.get("cpu", 1), DEFAULT_TILE["cpu"]
 
@@ -49,7 +49,7 @@ import json, resource, sys, time
 import numpy as np, torch
 from skimage import data
 import demoe
-from demoe.api import DEFAULT_BATCH, DEFAULT_TILE, _tile_streams
+from demoe.devices import DEFAULT_BATCH, DEFAULT_TILE, tile_streams
 
 mode, mp, arg = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 side = int((mp * 1e6) ** 0.5)
@@ -72,7 +72,7 @@ def forward_tiles(x, size, streams=1, **kw):
         with torch.inference_mode():
             model(t[i : i + batch].contiguous(), **kw)
 
-    with _tile_streams(streams) as pool:
+    with tile_streams(streams) as pool:
         if pool is None:
             for i in range(0, len(t), batch):
                 run(i)
@@ -144,7 +144,7 @@ if mode in ("single", "race"):
                       task=info["task"], tiles=info["tiles"], computed=info["computed"])
 elif mode == "experts":
     k = int(arg)
-    model.k_used = k
+    model.top_k = k
     size = 256
     x = torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 255)
     usable = side // size * size

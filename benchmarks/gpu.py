@@ -28,10 +28,10 @@ import torch
 from skimage import data
 
 import demoe
-from demoe.api import _DTYPES
+from demoe import devices
 from _report import save_report
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = tuple(devices.PRECISIONS)  # fp32, fp16, bf16
 
 
 def image(mp: float) -> np.ndarray:
@@ -57,7 +57,7 @@ def deblur_speed(model, img, device, precision) -> float:
 
 def largest_whole_image(model, device, precision, max_side: int, step: int) -> int:
     """Largest square side (multiple of ``step``) one forward pass survives; 0 if none."""
-    dtype = _DTYPES[precision]
+    dtype = devices.PRECISIONS[precision]
     best = 0
     for side in range(step, max_side + 1, step):
         try:

@@ -30,8 +30,7 @@ from skimage import data
 from torch.utils.flop_counter import FlopCounterMode
 
 import demoe
-
-COMPACT = dict(middle_blk_num=2, enc_blk_nums=[1, 1, 2, 4], dec_blk_nums=[1, 1, 1, 1], num_exp=5)
+from demoe.model import ARCHITECTURES
 
 
 def image(mp: float) -> np.ndarray:
@@ -65,7 +64,7 @@ def main(argv=None) -> int:
     models = {}
     for w in args.widths:
         torch.manual_seed(w)
-        models[w] = demoe.DeMoE(3, w, **COMPACT).eval()
+        models[w] = demoe.DeMoE(**{**ARCHITECTURES["compact"], "width": w}).eval()
     flops = {w: training_gflops(m) for w, m in models.items()}
     for m in models.values():
         m.eval()

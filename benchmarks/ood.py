@@ -318,7 +318,7 @@ def main(argv=None):
     lines = [
         "# Out-of-distribution benchmark",
         "",
-        f"Model: `{Path(str(getattr(model, 'source', 'default'))).name}` ({model.config}, k={model.k_used}). "
+        f"Model: `{Path(str(getattr(model, 'source', 'default'))).name}` ({model.config}, k={model.top_k}). "
         f"Blur families that `demoe.degrade` never produces (see the docstring of `benchmarks/ood.py`) on "
         f"{len(images)} crops of {CROP} px from {', '.join(names)} (each blurred by every family), plus Gaussian "
         f"noise sigma={NOISE}; seed = 100*image + family. Cells: PSNR (dB) / SSIM. demoe_expert: DeMoE forced "

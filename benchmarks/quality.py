@@ -194,8 +194,8 @@ def main(argv=None):
     if args.ensemble > 1:
         notes += f"; DeMoE with deblur(ensemble={args.ensemble}) (each tile and its flipped/transposed copies averaged)"
     command = " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
-    header = (f"# Quality benchmark\n\nModel: `{Path(getattr(model, 'source', 'default')).name}` "
-              f"({model.config}, k={model.k_used}). Images: {', '.join(IMAGES)} (central {CROP} px crops), "
+    header = (f"# Quality benchmark\n\nModel: `{Path(model.source or 'default').name}` "
+              f"({model.config}, k={model.top_k}). Images: {', '.join(IMAGES)} (central {CROP} px crops), "
               f"each degraded by every task's generator (seed = 100*image + task) plus Gaussian noise "
               f"sigma={NOISE}{notes}. Cells: PSNR (dB) / SSIM. Richardson-Lucy ({RL_ITERATIONS} iterations) and Wiener "
               f"(balance {WIENER_BALANCE}) get the true PSF and a reflect-padded image; n/a where the blur has no single PSF.\n\n"

@@ -5,7 +5,7 @@ script draws many 256 px crops from a folder of sharp photographs (by default
 the training photographs that ``examples/training/train_default.sh`` fetches;
 the crops are fresh, but the photos are not held out), degrades each with every
 task's generator plus sensor noise sigma=0.01 as quality.py does, and routes it
-exactly as ``deblur()`` does (one routing from the image's most textured tiles).
+exactly as ``deblur()`` does (``demoe.classify_blur``: one routing from the image's most textured tiles).
 
     python benchmarks/routing.py --photos data/photos            # packaged model, 50 crops x 5 tasks
     python benchmarks/routing.py --photos data/photos --model runs/stage3/model.safetensors
@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 
 import demoe
-from demoe.api import DEFAULT_TILE, _route_image
 from demoe.data import load_photos
 from demoe.degrade import degrade
 from quality import CROP, NOISE  # degraded exactly as in the quality benchmark
@@ -46,9 +44,8 @@ def main(argv=None):
         sharp = np.ascontiguousarray(img[y : y + CROP, x : x + CROP])
         for t, task in enumerate(demoe.TASKS):
             degraded = degrade(sharp, task, rng=int(rng.integers(1 << 30)), noise=NOISE)
-            chw = np.ascontiguousarray(degraded.blurry.astype(np.float32).transpose(2, 0, 1))
-            probs = _route_image(model, torch.device("cpu"), lambda r, c: np.ascontiguousarray(chw[:, r][:, :, c]),
-                                 CROP, CROP, DEFAULT_TILE["cpu"], model.padder_size)
+            routed = demoe.classify_blur(degraded.blurry, model=model, device="cpu")
+            probs = [routed[name] for name in demoe.TASKS]
             confusion[t, int(np.argmax(probs))] += 1
             if degraded.psf is not None:
                 by_size[task].append((radius_of_gyration(degraded.psf), int(np.argmax(probs)) == t))

@@ -30,8 +30,9 @@ from _report import save_report
 
 import demoe
 from demoe.batch_degrade import DeviceBatches
-from demoe.checkpoint import resolve_device
+from demoe.devices import resolve_device
 from demoe.data import load_photos
+from demoe.model import ARCHITECTURES
 from demoe.train import TrainConfig, batch_losses, hardware
 
 
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     row("data alone (on the device)", timed(stream.sample, device, max(args.steps // 2, 3)),
         f"{stream.n_photos} photographs")
     if args.width:
-        model = demoe.DeMoE(3, args.width, middle_blk_num=2, enc_blk_nums=[1, 1, 2, 4], dec_blk_nums=[1, 1, 1, 1])
+        model = demoe.DeMoE(**{**ARCHITECTURES["compact"], "width": args.width})
     else:
         model = demoe.load_model(device="cpu")
     model = model.to(device).train()

@@ -39,7 +39,7 @@ def tiny_model():
     """A small random DeMoE (two levels, five experts, k=1)."""
     from demoe import DeMoE
 
-    return randomize(DeMoE(width=4, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1], num_exp=5, k_used=1))
+    return randomize(DeMoE(width=4, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1], num_exp=5, top_k=1))
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import demoe
+import demoe.devices
 from demoe import TASKS, deblur
-from demoe.api import default_model as cached_default
+from demoe.checkpoint import cached_model
 
 
 def psnr(a, b, peak=255.0):
@@ -359,18 +360,16 @@ def test_tile_streams_default_and_thread_setting_restored_on_cancel(identity_mod
 
 @pytest.mark.parametrize(("streams", "tried"), [(1, {4, 2, 1}), (2, {3, 1})])  # two streams: 3 + 3 tiles, 3 halves to 1
 def test_cuda_oom_halves_the_batch(identity_model, monkeypatch, streams, tried):
-    from demoe import api
-
-    original = api._Runner._run
+    original = identity_model.forward
     sizes = []
 
-    def flaky(self, chunk):
-        sizes.append(len(chunk))
-        if len(chunk) > 1:
+    def flaky(x, *args, **kwargs):  # the network runs out of memory on more than one tile
+        sizes.append(len(x))
+        if len(x) > 1:
             raise torch.cuda.OutOfMemoryError("simulated")
-        return original(self, chunk)
+        return original(x, *args, **kwargs)
 
-    monkeypatch.setattr(api._Runner, "_run", flaky)
+    monkeypatch.setattr(identity_model, "forward", flaky)
     img = np.random.default_rng(0).random((40, 64)).astype(np.float32)  # rows of 5 tiles: batches of 4
     with pytest.warns(RuntimeWarning, match="out of memory"):
         out = deblur(img, model=identity_model, tile_size=16, overlap=4, batch_size=4, device="cpu", streams=streams)
@@ -378,8 +377,18 @@ def test_cuda_oom_halves_the_batch(identity_model, monkeypatch, streams, tried):
     assert set(sizes) == tried
 
 
-def test_default_model_cached_per_device():
-    assert cached_default("cpu") is cached_default("cpu")
+def test_default_model_cached_per_device(tmp_path, identity_model, monkeypatch):
+    assert cached_model(None, "cpu") is cached_model(None, "cpu")
+    if demoe.devices.resolve_device(None).type == "cpu":  # one key per device, however it is named
+        assert cached_model(None, None) is cached_model(None, "auto") is cached_model(None, "cpu")
+    seen = []  # deblur()'s default model is the cached one
+    monkeypatch.setattr(cached_model(None, "cpu"), "forward", lambda x, *a, **k: seen.append(len(x)) or x)
+    deblur(np.zeros((16, 16), np.float32), device="cpu", task="defocus")
+    assert seen
+    path = demoe.save_model(identity_model, tmp_path / "id.safetensors")
+    monkeypatch.chdir(tmp_path)
+    assert cached_model(path, "cpu") is cached_model("id.safetensors", "cpu")  # one file, however named
+    assert cached_model(path, "cpu") is not cached_model(None, "cpu")
 
 
 def test_checkpoint_path_as_model(tmp_path, identity_model):
@@ -511,11 +520,15 @@ def test_default_model_keeps_mean_on_gopro_blur(default_model):
 def test_tlc_option(default_model, blurred_photo):
     blurry, _ = blurred_photo
     crop = blurry[:200, :200]
+    x = torch.from_numpy(crop[:128, :128].transpose(2, 0, 1)[None] / np.float32(255))
+    with torch.no_grad():
+        own = default_model(x, task="defocus")  # the model's own (published, global) pooling
     plain = deblur(crop, model=default_model, task="defocus", tlc=False)
     local = deblur(crop, model=default_model, task="defocus", tlc=64)
     assert local.shape == plain.shape and np.abs(local.astype(int) - plain.astype(int)).max() > 0
     # The model is left in its published (global pooling) mode afterwards.
-    assert all(b.local_pool is None for b in default_model.modules() if hasattr(b, "local_pool"))
+    with torch.no_grad():
+        torch.testing.assert_close(default_model(x, task="defocus"), own, rtol=0, atol=0)
     np.testing.assert_array_equal(deblur(crop, model=default_model, task="defocus", tlc=False), plain)
     # A window covering the whole tile is the global pooling: so is the default (window = the
     # 256 px training patch) on a tile no larger than that.
@@ -544,6 +557,9 @@ def test_local_converter_is_per_call_under_concurrency(tiny_model):
     img = (0.2 * np.random.default_rng(0).random((192, 192, 3)) + 0.8 * ramp).astype(np.float32)
     kw = dict(model=model, task="defocus", tile_size=64, overlap=8, device="cpu", streams=1)
     windows = [False, 16, 32]
+    x = torch.from_numpy(img[:64, :64].transpose(2, 0, 1)[None].copy())
+    with torch.no_grad():
+        own = model(x, task="defocus")  # the model's own (global) pooling
     alone = {w: deblur(img, tlc=w, **kw) for w in windows}
     assert np.abs(alone[16] - alone[False]).max() > 1e-4  # the windows really differ
     results, errors = {}, []
@@ -562,7 +578,8 @@ def test_local_converter_is_per_call_under_concurrency(tiny_model):
     assert not errors
     for (w, _), out in results.items():
         np.testing.assert_allclose(out, alone[w], rtol=0, atol=1e-6)
-    assert all(b.local_pool is None for b in model.modules() if hasattr(b, "local_pool"))
+    with torch.no_grad():  # and none of the calls left its window on the model
+        torch.testing.assert_close(model(x, task="defocus"), own, rtol=0, atol=0)
 
 
 def test_tile_defaults_follow_device_and_training_patch(identity_model):

@@ -24,7 +24,7 @@ def _outputs(model, x):
 )
 @pytest.mark.parametrize("prefix", ["", "module."])
 def test_published_format_roundtrip(tmp_path, config, prefix):
-    model = randomize(DeMoE(**config, k_used=2), seed=1)
+    model = randomize(DeMoE(**config, top_k=2), seed=1)
     state = {prefix + k: v for k, v in model.state_dict().items()}
     path = tmp_path / "net.pth"
     torch.save({"params": state, "epoch": 7, "optimizer": {"lr": 1e-3}, "best_psnr": 30.5}, path)
@@ -40,8 +40,8 @@ def test_bare_state_dict_and_default_top_k(tmp_path, tiny_model):
     path = tmp_path / "bare.pt"
     torch.save(tiny_model.state_dict(), path)
     loaded = load_model(path, device="cpu")
-    assert loaded.k_used == 1  # published configuration when the file says nothing
-    assert load_model(path, top_k=3, device="cpu").k_used == 3
+    assert loaded.top_k == 1  # published configuration when the file says nothing
+    assert load_model(path, top_k=3, device="cpu").top_k == 3
 
 
 def test_infer_config_reads_names_and_shapes(tiny_model):
@@ -49,17 +49,17 @@ def test_infer_config_reads_names_and_shapes(tiny_model):
 
 
 def test_safetensors_roundtrip_keeps_metadata(tmp_path, tiny_model):
-    tiny_model.k_used = 2
+    tiny_model.top_k = 2
     path = save_model(tiny_model, tmp_path / "m.safetensors", training={"steps": 12, "hardware": "cpu"}, note="x")
     loaded = load_model(path, device="cpu")
-    assert loaded.k_used == 2
+    assert loaded.top_k == 2
     assert loaded.metadata["training"] == {"steps": 12, "hardware": "cpu"}
     assert loaded.metadata["note"] == "x"
     assert loaded.metadata["demoe_config"] == tiny_model.config
     x = torch.rand(2, 3, 9, 30)
     for a, b in zip(_outputs(tiny_model, x), _outputs(loaded, x)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    assert load_model(path, top_k=1, device="cpu").k_used == 1
+    assert load_model(path, top_k=1, device="cpu").top_k == 1
 
 
 class _Exploit:
@@ -142,7 +142,7 @@ def test_default_weights_missing_gives_instructions(monkeypatch, tmp_path):
 def test_packaged_default_loads_with_record():
     assert default_weights_path().is_file()
     model = load_model(device="cpu")
-    assert model.k_used == 1 and model.config["num_exp"] == 5
+    assert model.top_k == 1 and model.config["num_exp"] == 5
     record = model.metadata["training"]
     assert record["steps"] > 0 and record["sessions"][0]["hardware"]
     assert model.metadata["input_convention"]["range"] == [0.0, 1.0]
@@ -224,4 +224,19 @@ def test_metadata_fields_are_checked_by_name(tmp_path, tiny_model, field, value)
     save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(path), metadata=header)
     with pytest.raises(CheckpointError, match=f"metadata field '{field}' must be a positive whole number, "
                                               f"got {value!r}"):
+        load_model(path, device="cpu")
+
+
+def test_header_architecture_must_match_the_parameters(tmp_path, tiny_model):
+    import json
+
+    from safetensors.torch import save_file
+
+    path = save_model(tiny_model, tmp_path / "m.safetensors")
+    assert load_model(path, device="cpu").config == tiny_model.config  # the header agrees
+    wrong = {**tiny_model.config, "width": 8}
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(path),
+              metadata={"demoe_config": json.dumps(wrong)})
+    with pytest.raises(CheckpointError, match=r"the header records the architecture .*'width': 8.*, but the "
+                                              r"parameters are those of .*'width': 4"):
         load_model(path, device="cpu")

@@ -230,3 +230,27 @@ def test_committed_manifest_is_the_round_set():
     forbidden = re.compile(r"(?i)astronaut|camera|coffee|chelsea|rocket|coins|moon|retina|hubble|skimage|scikit")
     assert not [r["source"] for r in rows if forbidden.search(r["source"])]
     assert len({r["package"] for r in rows}) >= 8
+
+
+def test_read_rgb_reads_through_the_one_image_reader(tmp_path):
+    """Training pictures come through demoe.files.read_image: float RGB in [0, 1], whatever the format."""
+    import tifffile
+
+    from demoe.data import read_rgb
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 30, 3), np.uint8)
+    cv2.imwrite(str(tmp_path / "c.png"), rgb[..., ::-1])  # OpenCV writes BGR
+    cv2.imwrite(str(tmp_path / "a.png"), np.dstack([rgb[..., ::-1], np.full((20, 30), 7, np.uint8)]))
+    tifffile.imwrite(tmp_path / "c.tif", rgb, photometric="rgb")
+    for name in ("c.png", "a.png", "c.tif"):  # colour order, alpha dropped, TIFF (tifffile) alike
+        np.testing.assert_array_equal(read_rgb(tmp_path / name), rgb.astype(np.float32) / 255)
+    gray16 = rng.integers(0, 65536, (20, 30), np.uint16)
+    cv2.imwrite(str(tmp_path / "g.png"), gray16)
+    tifffile.imwrite(tmp_path / "pages.tif", np.stack([gray16, gray16 // 2]))  # a stack: its first plane
+    for name in ("g.png", "pages.tif"):
+        np.testing.assert_array_equal(read_rgb(tmp_path / name), np.repeat(gray16[..., None], 3, 2) / np.float32(65535))
+    tifffile.imwrite(tmp_path / "f.tif", rgb.astype(np.float32))
+    with pytest.raises(ValueError,
+                       match="f.tif: a training picture must be 8- or 16-bit gray, RGB or RGBA; got float32"):
+        read_rgb(tmp_path / "f.tif")

@@ -39,3 +39,8 @@ def test_command_help_does_not_import_torch():
     code = "import sys\nfrom demoe.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "--time-limit" in out
+
+
+def test_array_work_needs_no_torch():
+    mods = _modules_after("import demoe._arrays")
+    assert "demoe._arrays" in mods and "torch" not in mods

@@ -115,7 +115,7 @@ def test_sparse_mixed_batch_runs_each_expert_on_its_images(tiny_model):
 
 
 def test_top_k_mixes_and_renormalises(tiny_model):
-    tiny_model.k_used = 2
+    tiny_model.top_k = 2
     w = torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.05]])
     mix = tiny_model.mixing_weights(w)
     torch.testing.assert_close(mix, torch.tensor([[0.625, 0.375, 0, 0, 0]]))
@@ -193,3 +193,39 @@ def test_coarse_local_mean_approximates_the_exact_one():
     # Small windows are computed exactly; a window covering the map is the global mean.
     torch.testing.assert_close(local_mean_coarse(x, 24), local_mean(x, 24))
     torch.testing.assert_close(local_mean_coarse(x, 400), x.mean(dim=(-2, -1), keepdim=True))
+
+
+def test_pool_window_is_an_argument_of_the_call(tiny_model):
+    """The local converter is per call: a window changes the result, a window as large as the
+    input is the global pooling, and nothing is left on the model afterwards."""
+    x = torch.rand(2, 3, 64, 80)
+    with torch.no_grad():
+        plain = tiny_model(x, task="defocus")
+        local = tiny_model(x, task="defocus", pool_window=16)
+        assert (local - plain).abs().max() > 1e-5
+        torch.testing.assert_close(tiny_model(x, task="defocus", pool_window=128), plain, rtol=0, atol=0)
+        torch.testing.assert_close(tiny_model(x, task="defocus"), plain, rtol=0, atol=0)
+        assert (tiny_model.route(x, pool_window=16) - tiny_model.route(x)).abs().max() > 0
+        _, logits = tiny_model(x, return_logits=True, pool_window=16)
+        torch.testing.assert_close(logits, tiny_model.route_logits(x, pool_window=16))
+        for bad in (0, -8, 16.5, True, "16"):
+            with pytest.raises(ValueError, match="pool_window must be a window size in input pixels"):
+                tiny_model(x, pool_window=bad)
+
+
+def test_named_architectures_and_the_old_name_of_top_k():
+    from demoe.model import ARCHITECTURES, architecture_name
+
+    with torch.device("meta"):  # shapes only
+        assert DeMoE().architecture == "published" and DeMoE().config["enc_blk_nums"] == [1, 1, 1, 28]
+        assert DeMoE(**ARCHITECTURES["compact"]).architecture == "compact"
+        assert DeMoE(width=4, enc_blk_nums=[1], dec_blk_nums=[1]).architecture is None
+        with pytest.warns(DeprecationWarning, match="top_k"):
+            model = DeMoE(k_used=2)
+    assert architecture_name(load_model(device="cpu").config) == "compact"  # the packaged weights
+    assert model.top_k == 2
+    with pytest.warns(DeprecationWarning, match="top_k"):
+        assert model.k_used == 2
+    with pytest.warns(DeprecationWarning, match="top_k"):
+        model.k_used = 3
+    assert model.top_k == 3

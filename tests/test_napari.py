@@ -12,20 +12,30 @@ pytest.importorskip("pytestqt")
 from napari_demoe._widget import (  # noqa: E402
     DeblurSettings,
     DeblurWidget,
-    _models,
     deblur_layer_data,
     result_layer_kwargs,
     routing_text,
 )
 
 
+def _packaged_default_is(model, monkeypatch):
+    """The packaged default weights load as ``model`` (checkpoint files as they are), in a fresh model cache."""
+    from demoe import checkpoint
+
+    load = checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model",
+                        lambda source=None, **kw: model if source is None else load(source, **kw))
+    checkpoint.clear_model_cache()
+
+
 @pytest.fixture
-def use_model(tiny_model):
+def use_model(tiny_model, monkeypatch):
     """The widget's "packaged default" becomes a small random model (fast)."""
-    _models.clear()
-    _models[(None, None)] = tiny_model
+    from demoe.checkpoint import clear_model_cache
+
+    _packaged_default_is(tiny_model, monkeypatch)
     yield
-    _models.clear()
+    clear_model_cache()
 
 
 @pytest.fixture
@@ -130,6 +140,7 @@ def test_widget_adds_result_layer(make_napari_viewer, qtbot, use_model):
                            contrast_limits=(10, 3000))
     assert widget.run_button.enabled
     widget.run()
+    assert widget.status.value == "Loading the model…"  # the first run loads it
     _wait(qtbot, widget)
     out = viewer.layers["cells deblurred"]
     assert out.data.shape == img.shape and out.data.dtype == np.uint16
@@ -139,6 +150,9 @@ def test_widget_adds_result_layer(make_napari_viewer, qtbot, use_model):
     assert set(meta["probabilities"]) >= {"defocus", "low_light"} and meta["settings"]["task"] == "auto"
     assert widget.routing.value.startswith("Detected:")
     assert widget.progress.value == widget.progress.max
+    widget.run()
+    assert widget.status.value == "Deblurring…"  # loaded once, for the process
+    _wait(qtbot, widget)
     np.testing.assert_array_equal(src.data, img)  # the input layer is untouched
     # Re-running updates the same layer instead of adding another.
     widget.task.value = "defocus"
@@ -341,6 +355,8 @@ def slow_model(tiny_model, monkeypatch):
     """The widget's model, each of its tile batches taking a while, so that napari can be closed in the middle."""
     import time
 
+    from demoe.checkpoint import clear_model_cache
+
     forward = type(tiny_model).forward
 
     def slow_forward(self, *args, **kwargs):
@@ -348,10 +364,9 @@ def slow_model(tiny_model, monkeypatch):
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(type(tiny_model), "forward", slow_forward)
-    _models.clear()
-    _models[(None, None)] = tiny_model
+    _packaged_default_is(tiny_model, monkeypatch)
     yield
-    _models.clear()
+    clear_model_cache()
 
 
 @pytest.mark.parametrize("lazy", [False, True])

@@ -96,9 +96,9 @@ def test_bad_parameters():
 def test_tile_crop_slices_and_gathers_alike(h, w, r0, c0, th, tw):
     # deblur reads interior tiles as slices and border tiles by reflected indices:
     # both must give exactly the gathered pixels.
-    from demoe.api import _crop
+    from demoe.tiling import crop
 
     plane = np.arange(h * w * 2, dtype=np.float32).reshape(h, w, 2)
     rows = reflect_index(np.arange(r0, r0 + th), h)
     cols = reflect_index(np.arange(c0, c0 + tw), w)
-    np.testing.assert_array_equal(_crop(plane, rows, cols), plane[rows[:, None], cols[None, :]])
+    np.testing.assert_array_equal(crop(plane, rows, cols), plane[rows[:, None], cols[None, :]])

@@ -249,13 +249,13 @@ def check(photos: Path, limit: float = 0.95) -> list[str]:
     import numpy as np
     import skimage
 
-    from demoe.data import _shrink, list_images, thumbnail
+    from demoe.data import list_images, shrink, thumbnail
 
     refs, names = [], []
     for f in list_images([Path(skimage.__file__).parent / "data"], recursive=False):
         img = cv2.imread(str(f), cv2.IMREAD_COLOR)
         if img is not None and min(img.shape[:2]) >= 16:
-            refs += [thumbnail(img), thumbnail(_shrink(img, 448, 1.0, 1.0))]
+            refs += [thumbnail(img), thumbnail(shrink(img, 448, 1.0, 1.0))]
             names += [f.name] * 2
     refs = np.array(refs)
     found = []

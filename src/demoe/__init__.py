@@ -13,10 +13,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "DeMoE": "model",
     "CheckpointError": "checkpoint",
-    "available_devices": "checkpoint",
+    "available_devices": "devices",
     "load_model": "checkpoint",
+    "cached_model": "checkpoint",
     "save_model": "checkpoint",
     "deblur": "api",
+    "classify_blur": "routing",
 }
 
 __all__ = ["TASKS", "TASK_LABELS", "__version__", *_LAZY]

@@ -1,385 +1,40 @@
-"""``deblur()``: restore numpy or dask arrays of any size, dtype and layout."""
+"""``deblur()``: restore numpy or dask arrays of any size, dtype and layout.
+
+The data path: the arguments are checked and resolved once into a frozen plan
+(``_plan.py``); the image, laid out ``(..., H, W, C)``, is restored plane by
+plane (numpy) or chunk by chunk (dask): every plane is routed once
+(``routing.py``) or tile by tile, cut into overlapping tiles that the network
+restores (``tiling.py``, ``_runner.py``), stitched back and mapped to the
+input's intensities, dtype and layout (``_arrays.py``).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import threading
+import dataclasses
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from . import tiling
-from .checkpoint import load_model, resolve_device
-from .model import TASKS, DeMoE
-from .tasks import ENSEMBLES, task_index
-
-_AUTO = "auto"
-#: Percentiles for robust normalisation of 16-bit, integer and out-of-range float data.
-PERCENTILES = (0.1, 99.9)
-#: Default tiles: big enough for the blur, small enough for the CPU cache (see benchmarks/).
-DEFAULT_TILE = {"cpu": 256, "mps": 512, "cuda": 512}
-#: Default tiles per network call: one on CPU keeps the working set in cache (4 was
-#: 20-27 % slower there, benchmarks/batch_size.py); a GPU wants many.
-DEFAULT_BATCH = {"cpu": 1, "mps": 8, "cuda": 16}
-#: Default tile streams (tiles computed at once in parallel threads, torch's CPU threads
-#: shared among them): on two cores, bare tiles in two one-thread streams ran 1.25-1.78x
-#: as fast as in one two-thread stream, deblur() 0.96-1.25x (benchmarks/efficiency.py, README);
-#: GPUs run one stream of big batches.
-DEFAULT_STREAMS = {"cpu": 2}
-#: Computation precision per device for ``precision="auto"`` (see benchmarks/inference_options.py).
-AUTO_PRECISION = {"cuda": "fp16"}
-_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-#: Tiles used to estimate one routing for a whole image.
-ROUTING_TILES = 8
-
-_model_cache: dict[str, DeMoE] = {}
+from ._arrays import AUTO, channel_jobs, finite_chunk, from_unit, match_mean, without_holes
+from ._plan import DeblurPlan, make_plan
+from ._runner import Runner
+from .devices import tile_streams
+from .model import DeMoE
+from .routing import experts_used, image_routing, lazy_image_routing, plane_reader, routing_info
 
 
-def default_model(device: str | torch.device | None = None) -> DeMoE:
-    """The packaged default model on ``device``, loaded once per device."""
-    dev = resolve_device(device)
-    key = str(dev)
-    if key not in _model_cache:
-        _model_cache[key] = load_model(device=dev)
-    return _model_cache[key]
-
-
-# -- validation ---------------------------------------------------------------------------
-def _check_image(image) -> Any:
-    if isinstance(image, (str, Path)):
-        raise TypeError(f"deblur() takes an image array, not a file name ({str(image)!r}): read it first, e.g. "
-                        "with skimage.io.imread or tifffile.imread, or run `demoe deblur FILE`")
-    if image is None:
-        raise TypeError("deblur() got None instead of an image array")
-    is_dask = type(image).__module__.split(".")[0] == "dask"
-    arr = image if is_dask else np.ma.getdata(image)  # a masked array's mask is taken by deblur()
-    if is_dask and any(not np.isfinite(n) for n in arr.shape):
-        raise ValueError(f"a dask array of unknown shape {arr.shape} (its chunk sizes are not known, e.g. after "
-                         "boolean indexing); call .compute_chunk_sizes() on it first")
-    kind = arr.dtype.kind
-    if kind == "b":
-        raise TypeError("boolean images are not supported; pass integer or floating-point data")
-    if kind not in "uif":
-        raise TypeError(f"unsupported dtype {arr.dtype}; accepted: unsigned/signed integers and floats")
-    if arr.ndim < 2:
-        raise ValueError(f"expected an image with at least 2 dimensions ((H, W), (H, W, C), (..., H, W[, C])), got shape {arr.shape}")
-    if any(s == 0 for s in arr.shape):
-        raise ValueError(f"image has a size-0 axis: shape {arr.shape}")
-    return arr, is_dask
-
-
-def _resolve_channel_axis(shape, channel_axis) -> int | None:
-    if channel_axis == _AUTO:
-        return len(shape) - 1 if len(shape) >= 3 and shape[-1] in (3, 4) else None
-    if channel_axis is None:
-        return None
-    if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
-        raise ValueError(f"channel_axis must be an axis number, None or 'auto', got {channel_axis!r}")
-    if not -len(shape) <= channel_axis < len(shape):
-        raise ValueError(f"channel_axis={channel_axis!r} is out of range for an image of {len(shape)} dimensions {tuple(shape)}")
-    axis = int(channel_axis) % len(shape)
-    if len(shape) < 3:  # a channel axis needs two spatial axes beside it
-        raise ValueError(f"channel_axis={channel_axis} leaves fewer than 2 spatial axes in shape {tuple(shape)}")
-    return axis
-
-
-def _check_sizes(tile_size, overlap, batch_size, multiple, streams=None):
-    for name, value, least, what in (("streams", streams, 1, "a positive integer"),
-                                      ("tile_size", tile_size, multiple,
-                                       f"an integer >= {multiple} (the network's size divisor)"),
-                                      ("overlap", overlap, 0, "a non-negative integer"),
-                                      ("batch_size", batch_size, 1, "a positive integer")):
-        if value is not None and not _whole(value, least):
-            raise ValueError(f"{name} must be {what}, got {value!r}")
-
-
-def _whole(value, least: int) -> bool:
-    """``value`` is a whole number (an int, or a float without fraction; not a bool, NaN or inf) >= ``least``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
-        return False
-    if isinstance(value, (float, np.floating)) and not (np.isfinite(value) and float(value).is_integer()):
-        return False
-    return value >= least
-
-
-# -- intensities ----------------------------------------------------------------------------
-def intensity_range(arr, normalize) -> tuple[float, float]:
-    """``(lo, hi)`` such that ``(x - lo) / (hi - lo)`` puts the data in [0, 1]."""
-    if isinstance(normalize, (tuple, list, np.ndarray)):
-        try:
-            lo, hi = (float(v) for v in normalize)
-        except (TypeError, ValueError):
-            raise ValueError(f"normalize=(low, high) takes two numbers, got {normalize!r}") from None
-        if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
-            raise ValueError(f"normalize=(low, high) needs finite numbers with low < high, got {normalize!r}")
-        return lo, hi
-    elif normalize == "none":
-        lo, hi = 0.0, 1.0
-    elif normalize == "range":
-        lo, hi = (0.0, float(np.iinfo(arr.dtype).max)) if arr.dtype.kind in "ui" else (0.0, 1.0)
-    elif normalize in ("auto", "percentile"):
-        if normalize == "auto" and arr.dtype == np.uint8:
-            return 0.0, 255.0
-        sample = _sample(arr)
-        finite = sample[np.isfinite(sample)]
-        if normalize == "auto" and arr.dtype.kind == "f" and finite.size and finite.min() >= 0 and finite.max() <= 1:
-            return 0.0, 1.0
-        lo, hi = (float(v) for v in np.percentile(finite, PERCENTILES)) if finite.size else (0.0, 1.0)
-    else:
-        raise ValueError(f"normalize must be 'auto', 'percentile', 'range', 'none' or a (low, high) pair, got {normalize!r}")
-    if not hi > lo:
-        hi = lo + 1.0  # constant image: any scale restores it unchanged
-    if not max(abs(lo), abs(hi)) <= 1e300:  # sums and the inverse mapping would overflow float64
-        raise ValueError(f"the image's intensities ({lo:g} to {hi:g}) are too near float64's limit (1.8e308) "
-                         "to restore; rescale it first")
-    return lo, hi
-
-
-def _sample(arr, max_elements: int = 4_000_000) -> np.ndarray:
-    """A strided subsample, computed eagerly (cheap even for dask/zarr)."""
-    step = max(1, int(np.ceil((arr.size / max_elements) ** (1 / arr.ndim))))
-    sub = arr[(slice(None, None, step),) * arr.ndim]
-    return np.asarray(sub.compute() if hasattr(sub, "compute") else sub, dtype=np.float64)
-
-
-def _check_finite(arr):
-    if arr.dtype.kind == "f":
-        bad = int(np.count_nonzero(~np.isfinite(arr)))
-        if bad:
-            raise ValueError(f"image contains {bad} NaN or infinite value(s); pass nan_policy='keep' to restore the "
-                             "pixels around them and keep them as they are, or replace them (e.g. np.nan_to_num) first")
-
-
-#: Largest network input, in intensity ranges from the range: beyond, float32 overflows in the network.
-INPUT_LIMIT = 1e20
-#: Gaussian sigma (pixels) of the normalised convolution that fills non-finite pixels.
-FILL_SIGMA = 4.0
-
-
-def _holes(arr: np.ndarray, nan_policy: str, mask: np.ndarray | None = None) -> np.ndarray | None:
-    """Pixels to restore around rather than from: masked ones, and NaN/Inf under ``nan_policy='keep'``."""
-    holes = mask if mask is not None and mask.any() else None
-    if nan_policy == "keep" and arr.dtype.kind == "f":
-        bad = ~np.isfinite(arr)
-        if bad.any():
-            holes = bad if holes is None else holes | bad
-    return holes
-
-
-def _filled(arr: np.ndarray, nan_policy: str, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(array for the network, holes or None)``: the holes filled, and no NaN/Inf left (else ValueError)."""
-    holes = _holes(arr, nan_policy, mask)
-    filled = arr if holes is None else _fill_holes(arr, holes)
-    _check_finite(filled)
-    return filled, holes
-
-
-def _fill_holes(arr: np.ndarray, holes: np.ndarray) -> np.ndarray:
-    """A copy of a ``(..., H, W, C)`` array with ``holes`` filled for the network.
-
-    Each hole gets a smooth continuation of the pixels around it (a normalised
-    Gaussian convolution), and the plane's median far from any, so the
-    network sees no hole edge to sharpen; the caller puts the original values
-    back into the result.
-    """
-    import cv2
-
-    filled = arr.astype(_float_for(arr.dtype))  # a copy: the input is never modified
-    flat, flat_holes = filled.reshape(-1, *arr.shape[-3:]), holes.reshape(-1, *arr.shape[-3:])
-    for p in range(flat.shape[0]):
-        for ch in range(flat.shape[-1]):
-            x, hole = flat[p, :, :, ch], flat_holes[p, :, :, ch]
-            if not hole.any():
-                continue
-            good = ~hole
-            if not good.any():
-                x[:] = 0.0
-                continue
-            x[hole] = 0.0
-            num = cv2.GaussianBlur(x, (0, 0), FILL_SIGMA, borderType=cv2.BORDER_REFLECT)
-            den = cv2.GaussianBlur(good.astype(np.float32), (0, 0), FILL_SIGMA, borderType=cv2.BORDER_REFLECT)
-            far = den < 1e-3
-            x[hole] = np.where(far, np.median(x[good]), num / np.where(far, 1.0, den))[hole]
-    return filled.astype(arr.dtype, copy=False) if arr.dtype.kind == "f" else _to_dtype(filled, arr.dtype)
-
-
-def _to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if dtype.kind in "ui":
-        info = np.iinfo(dtype)
-        # The limit as x's float: the largest not above the maximum (float32(2**63) would wrap to -2**63).
-        top = x.dtype.type(info.max)
-        if int(top) > info.max:
-            top = np.nextafter(top, x.dtype.type(0))
-        return np.clip(np.rint(x), info.min, top).astype(dtype)
-    return x.astype(dtype, copy=False)
-
-
-def _float_for(dtype: np.dtype):
-    """The float type intensities are scaled in: float64 for 64-bit data (float64 may lie beyond float32's
-    3.4e38; 64-bit integers need its precision), float32 otherwise (the network's own)."""
-    return np.float64 if np.dtype(dtype).itemsize == 8 else np.float32
-
-
-# -- the network on tiles ------------------------------------------------------------------
-_FLIPS = [(), (-1,), (-2,), (-1, -2)]  # view k flips these axes (after transposing, for k >= 4)
-
-
-def _view(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k``-th of the eight flips/transposes of an (N, C, H, W) batch (0 is ``x``)."""
-    if k >= 4:
-        x = x.transpose(-1, -2)
-    flips = _FLIPS[k % 4]
-    return x.flip(flips) if flips else x
-
-
-def _unview(y: torch.Tensor, k: int) -> torch.Tensor:
-    """Undo :func:`_view`: flips are their own inverses, applied before the transpose."""
-    flips = _FLIPS[k % 4]
-    y = y.flip(flips) if flips else y
-    return y.transpose(-1, -2) if k >= 4 else y
-
-
-class _Runner:
-    """Runs the model on float32 tile batches; halves the batch on CUDA out-of-memory.
-
-    With neither a task nor fixed weights every tile is routed on its own, and
-    its routing probabilities are appended to ``record``. With ``ensemble`` > 1
-    the network also restores flipped/transposed copies of every tile, routed as
-    the tile itself, and the results are averaged.
-    """
-
-    def __init__(self, model: DeMoE, device: torch.device, task: str | None, weights: torch.Tensor | None,
-                 record: list | None = None, precision: str = "fp32", pool: ThreadPoolExecutor | None = None,
-                 streams: int = 1, ensemble: int = 1):
-        self.model, self.device, self.task, self.weights = model, device, task, weights
-        self.ensemble = ensemble
-        self.autocast = _DTYPES[precision]  # None: plain float32
-        self.record = record if task is None and weights is None else None
-        self.pool, self.streams = pool, streams  # tile streams: each batch is split among the pool's threads
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        if self.pool is not None and len(batch) > 1:
-            groups = self.pool.map(self._run_halving, np.array_split(batch, min(len(batch), self.streams)))
-            return self._collect([part for group in groups for part in group])
-        return self._collect(self._run_halving(batch))
-
-    def _run_halving(self, batch: np.ndarray) -> list:
-        """Run ``batch`` in chunks, halving the chunk on CUDA out-of-memory; one part per chunk."""
-        start = 0
-        outs = []
-        step = len(batch)
-        while start < len(batch):
-            chunk = batch[start : start + step]
-            try:
-                outs.append(self._run(chunk))
-                start += len(chunk)
-            except torch.cuda.OutOfMemoryError:
-                if step == 1:
-                    raise MemoryError("out of GPU memory even for one tile; pass a smaller tile_size or device='cpu'") from None
-                step = max(1, step // 2)
-                torch.cuda.empty_cache()
-                warnings.warn(f"CUDA out of memory; retrying with {step} tile(s) per batch", RuntimeWarning, stacklevel=2)
-        return outs
-
-    def _collect(self, parts: list) -> np.ndarray:
-        """Concatenate ``(output, routing probabilities)`` parts, recording the latter in tile order."""
-        if self.record is not None:
-            for _, probs in parts:
-                self.record.extend(probs)
-        return np.concatenate([out for out, _ in parts])
-
-    @torch.inference_mode()
-    def _run(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        x = torch.from_numpy(chunk).to(self.device)
-        w = None if self.weights is None else self.weights.expand(len(chunk), -1)
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            if self.record is None:
-                y, probs = self.model(x, task=self.task, weights=w), None
-            else:
-                y, logits = self.model(x, return_logits=True)
-                w = logits.float().softmax(dim=1)  # the other views take this tile's routing
-                probs = w.cpu().numpy()
-            if self.ensemble > 1:
-                y = y.float()
-                for k in range(1, self.ensemble):
-                    y += _unview(self.model(_view(x, k), task=self.task, weights=w), k).float()
-                y /= self.ensemble
-        return y.float().cpu().numpy(), probs
-
-
-@contextlib.contextmanager
-def _tile_streams(streams: int):
-    """A pool of ``streams`` threads that each run tiles with their share of torch's CPU threads.
-
-    Yields None for a single stream. torch's thread setting is process-wide for
-    threads that start meanwhile, so it is put back on exit, whatever happens.
-    """
-    if streams <= 1:
-        yield None
-        return
-    total = torch.get_num_threads()
-    each = max(1, total // streams)
-
-    def init_thread():
-        torch.get_num_threads()  # let torch initialise this thread's setting first, then override it
-        torch.set_num_threads(each)
-
-    pool = ThreadPoolExecutor(streams, thread_name_prefix="demoe-tiles", initializer=init_thread)
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(total)
-
-
-def _route_image(model: DeMoE, device, read, height, width, tile, multiple, batch: int | None = None,
-                 pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-    """Routing weights for a whole image: the average over its most textured tiles.
-
-    The tiles go through the router ``batch`` at a time (default: all at once),
-    spread over ``pool``'s threads when one is given.
-    """
-    ay = tiling.plan_axis(height, tile, 0 if tile <= multiple else min(multiple, tile // 4), multiple)
-    ax = tiling.plan_axis(width, tile, 0 if tile <= multiple else min(multiple, tile // 4), multiple)
-    candidates = []
-    for i in range(ay.count):
-        for j in range(ax.count):
-            rows = tiling.reflect_index(np.arange(i * ay.stride, i * ay.stride + ay.tile), height)
-            cols = tiling.reflect_index(np.arange(j * ax.stride, j * ax.stride + ax.tile), width)
-            candidates.append((rows, cols))
-    if len(candidates) > 4 * ROUTING_TILES:  # spread a subset evenly over the image
-        pick = np.linspace(0, len(candidates) - 1, 4 * ROUTING_TILES).round().astype(int)
-        candidates = [candidates[k] for k in pick]
-    tiles = [read(r, c) for r, c in candidates]
-    # Flat tiles say nothing about blur: weight the vote by texture (gradient energy).
-    energy = np.array([np.abs(np.diff(t, axis=-1)).mean() + np.abs(np.diff(t, axis=-2)).mean() for t in tiles])
-    order = np.argsort(-energy)[:ROUTING_TILES]
-    chosen = np.stack([tiles[k] for k in order])
-
-    def route(part: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model.route(torch.from_numpy(part).to(device)).float().cpu().numpy()
-
-    parts = np.array_split(chosen, -(-len(chosen) // (batch or len(chosen))))
-    probs = np.concatenate(list(pool.map(route, parts)) if pool is not None else [route(p) for p in parts])
-    w = energy[order] + 1e-12
-    return (probs * w[:, None]).sum(0) / w.sum()
-
-
-# -- public API -----------------------------------------------------------------------------
 def deblur(
     image,
     task: str | None = None,
     *,
     model: DeMoE | str | Path | None = None,
-    channel_axis: int | None | str = _AUTO,
+    channel_axis: int | None | str = AUTO,
     tile_size: int | None = None,
     overlap: int | None = None,
     routing: str = "image",
@@ -522,300 +177,101 @@ def deblur(
     (dtype('uint16'), True)
     """
     t0 = time.perf_counter()
-    arr, is_dask = _check_image(image)
-    if task == _AUTO:
-        task = None
-    if task is not None:
-        task_index(task, auto=True)
-    if routing not in ("image", "tile"):
-        raise ValueError(f"routing must be 'image' or 'tile', got {routing!r}")
-    if precision != _AUTO and precision not in _DTYPES:
-        raise ValueError(f"precision must be one of auto, {', '.join(_DTYPES)}; got {precision!r}")
-    if isinstance(ensemble, bool) or not isinstance(ensemble, (int, np.integer)) or ensemble not in ENSEMBLES:
-        raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLES))} (copies of each tile averaged), "
-                         f"got {ensemble!r}")
-    if preserve_mean not in (None, True, False):
-        raise ValueError(f"preserve_mean must be True, False or None (default: on unless low light is used), "
-                         f"got {preserve_mean!r}")
-    if is_dask and preserve_mean:
-        raise ValueError("preserve_mean=True needs each whole plane, which a lazy dask array does not give; "
-                         "compute it first (np.asarray(image)) or leave preserve_mean at None")
-    if nan_policy not in ("raise", "keep"):
-        raise ValueError(f"nan_policy must be 'raise' or 'keep', got {nan_policy!r}")
-    axis = _resolve_channel_axis(arr.shape, channel_axis)
-
-    dev = resolve_device(device)
-    if model is None:
-        net = default_model(dev)
-    elif isinstance(model, (str, Path)):
-        net = load_model(model, device=dev)
-    elif isinstance(model, DeMoE):
-        net = model.to(dev).eval()
-    else:
-        raise TypeError(f"model must be a DeMoE, a checkpoint path or None, got {type(model).__name__}")
-    multiple = net.padder_size
-    _check_sizes(tile_size, overlap, batch_size, multiple, streams)
-    patch = int(getattr(net, "metadata", {}).get("patch_size", 0) or 0)  # training patch, if recorded
-    if tile_size is not None:
-        tile = int(tile_size)
-    else:  # the device's best size, but no smaller than the patches the model was trained on
-        tile = max(DEFAULT_TILE.get(dev.type, 256), patch)
-    tile = -(-tile // multiple) * multiple
-    ovl = int(overlap) if overlap is not None else tile // 8
-    if 2 * ovl >= tile:
-        raise ValueError(f"overlap ({ovl}) must be less than half the tile size ({tile})")
-    # A tile beyond the image and its overlap adds nothing but memory (tile_size=200000 took 23 GB on 64 x 64).
-    longest = max([n for i, n in enumerate(arr.shape) if i != axis][-2:])
-    fitted = tiling.fit_tile(tile, ovl, longest, multiple, least=DEFAULT_TILE.get(dev.type, 256))
-    if fitted < tile:
-        tile, ovl = fitted, (fitted // 8 if overlap is None else min(ovl, longest))
-    batch = int(batch_size) if batch_size is not None else DEFAULT_BATCH.get(dev.type, 1)
-    if streams is None:
-        streams = min(DEFAULT_STREAMS.get(dev.type, 1), torch.get_num_threads())
-    streams = int(streams)
-
-    # Channels last, planes first: (P, H, W, C).
-    moved = _channels_last(arr, axis)
-    # Masked pixels (numpy.ma) and, with nan_policy='keep', NaN/Inf: restored around, given back as they were.
-    mask = np.ma.getmask(image) if isinstance(image, np.ma.MaskedArray) else np.ma.nomask
-    masked = None if mask is np.ma.nomask else _channels_last(np.broadcast_to(mask, arr.shape), axis)
-    filled, holes = _filled(moved, nan_policy, masked) if not is_dask else (moved, None)
-    lo, hi = intensity_range(filled, normalize)
-    if tlc is True:
-        window = int(patch or 256)
-    elif tlc is False or tlc is None:
-        window = None
-    elif isinstance(tlc, (int, np.integer)) and tlc > 0:
-        window = int(tlc)
-    else:
-        raise ValueError(f"tlc must be True, False or a window size in pixels (> 0), got {tlc!r}")
-    if window is not None and window >= tile:
-        window = None  # a window spanning every tile is the global pooling
-    if precision == _AUTO:
-        precision = AUTO_PRECISION.get(dev.type, "fp32")
-    settings = dict(net=net, dev=dev, task=task, routing=routing, tile=tile, ovl=ovl, batch=batch, streams=streams, bgr=bgr,
-                    lo=lo, hi=hi, multiple=multiple, preserve_mean=preserve_mean, tlc_window=window,
-                    precision=precision, ensemble=int(ensemble), nan_policy=nan_policy)
-
-    if is_dask:
+    plan, inp = make_plan(image, task=task, model=model, channel_axis=channel_axis, tile_size=tile_size,
+                          overlap=overlap, routing=routing, normalize=normalize, device=device, batch_size=batch_size,
+                          streams=streams, bgr=bgr, preserve_mean=preserve_mean, tlc=tlc, precision=precision,
+                          ensemble=ensemble, nan_policy=nan_policy)
+    if inp.is_dask:
         if progress:
             warnings.warn("progress is not reported for dask input: the result is lazy and computed later; "
                           "wrap its computation in tqdm.dask.TqdmCallback() for a bar", RuntimeWarning, stacklevel=2)
-        out, info = _deblur_dask(moved, settings)
+        out, info = _deblur_dask(inp.moved, plan)
     else:
-        out, info = _deblur_numpy(filled, settings, progress)
-        if holes is not None:
-            out[holes] = moved[holes]
-    if axis is None:
-        out = out[..., 0]
-    else:
-        out = _moveaxis(out, -1, axis)
-    if isinstance(image, np.ma.MaskedArray):
-        out = np.ma.MaskedArray(out, mask=np.ma.nomask if mask is np.ma.nomask else mask.copy())
-    info.update(device=str(dev), precision=precision, ensemble=int(ensemble), tile_size=tile, overlap=ovl,
-                batch_size=batch, streams=streams,
-                normalization=(lo, hi), seconds=time.perf_counter() - t0)
+        out, info = _deblur_numpy(inp.network, plan, progress)
+    out = inp.restored(out)
+    info.update(plan.info(), seconds=time.perf_counter() - t0)
     return (out, info) if return_info else out
 
 
-def _channels_last(a, axis: int | None):
-    """``(..., H, W, C)``: the channel axis moved last, or a length-1 one added where there is none."""
-    return a[..., None] if axis is None else _moveaxis(a, axis, -1)
-
-
-def _moveaxis(a, src, dst):
-    if hasattr(a, "compute"):
-        import dask.array as da
-
-        return da.moveaxis(a, src, dst)
-    return np.moveaxis(a, src, dst)
-
-
-def _jobs(channels: int, model_channels: int, bgr: bool) -> list[tuple[list[int], str]]:
-    """How the channels of one plane are restored: lists of channel indices and a mode."""
-    rgb = [2, 1, 0] if bgr else [0, 1, 2]
-    if model_channels == 3 and channels in (3, 4):
-        return [(rgb, "rgb")]  # alpha (channel 3) is passed through
-    return [([c], "gray") for c in range(channels)]
-
-
-def _match_mean(out: np.ndarray, src: np.ndarray, chans: list[int], rows: int = 1024) -> None:
-    """Shift ``out[..., chans]`` (in place) so its mean equals ``src[..., chans]``'s.
-
-    Works in blocks of rows, so memory stays small on gigapixel planes.
-    """
-    n = src.shape[0] * src.shape[1] * len(chans)
-    total_in = sum(float(src[y : y + rows][..., chans].sum(dtype=np.float64)) for y in range(0, src.shape[0], rows))
-    total_out = sum(float(out[y : y + rows][..., chans].sum(dtype=np.float64)) for y in range(0, out.shape[0], rows))
-    shift = (total_in - total_out) / n
-    if abs(shift) < 1e-12:
-        return
-    for y in range(0, out.shape[0], rows):
-        ftype = _float_for(out.dtype)
-        block = out[y : y + rows][..., chans].astype(ftype) + ftype(shift)
-        out[y : y + rows, :, chans] = _to_dtype(block, out.dtype)
-
-
-def _as_slice(idx: np.ndarray) -> slice | None:
-    """``idx`` as a slice when it is a run of consecutive indices, else None."""
-    if idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
-        return slice(int(idx[0]), int(idx[-1]) + 1)
-    return None
-
-
-def _crop(plane: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``plane[rows][:, cols]``; interior tiles are sliced, only border tiles gather reflected indices."""
-    rs, cs = _as_slice(rows), _as_slice(cols)
-    if rs is not None:
-        return plane[rs, cs] if cs is not None else plane[rs][:, cols]
-    if cs is not None:
-        return plane[:, cs][rows]
-    return plane[rows[:, None], cols[None, :]]
-
-
-def _tile_reader(plane: np.ndarray, chans: list[int], mode: str, s: dict):
-    """``read(rows, cols)`` for the tiler: the ``(C, h, w)`` network input at those indices.
-
-    Normalises to [0, 1] per tile (never the whole image at once) and
-    replicates gray to the model's three channels.
-    """
-    ftype = _float_for(plane.dtype)
-    lo = ftype(s["lo"])
-    scale = ftype(1.0 / (s["hi"] - s["lo"]))
-    replicate = mode == "gray" and s["net"].img_channel == 3
-
-    def read(rows, cols):
-        t = ((_crop(plane, rows, cols)[..., chans].astype(ftype) - lo) * scale).astype(np.float32, copy=False)
-        if not np.abs(t).max() <= INPUT_LIMIT:  # inf once in float32, and NaN all over the tile after the network
-            raise ValueError(f"some pixels lie over {INPUT_LIMIT:g} times the intensity range ({s['lo']:g} to "
-                             f"{s['hi']:g}) away from it, too far for the network's float32 arithmetic; clip them "
-                             "first (np.clip), or mark them as holes (NaN with nan_policy='keep', or a numpy.ma mask)")
-        t = t.transpose(2, 0, 1)
-        return np.repeat(t, 3, axis=0) if replicate else t
-
-    return read
-
-
-_POOLING = threading.Condition()
-_pooling_users: dict[int, list] = {}  # id(model) -> [window, calls using it]
-
-
-@contextlib.contextmanager
-def _local_pooling(net: DeMoE, window: int | None):
-    """Set the network's pooling window for the calls inside, and reset it after the last.
-
-    The window is a setting of the model, which concurrent calls share (dask
-    chunks, a GUI worker next to a script): calls that want the same window
-    run together; a call that wants another waits until they are done.
-    """
-    key = id(net)
-    with _POOLING:
-        while key in _pooling_users and _pooling_users[key][0] != window:
-            _POOLING.wait()
-        entry = _pooling_users.setdefault(key, [window, 0])
-        if entry[1] == 0:
-            net.set_local_pooling(window)
-        entry[1] += 1
-    try:
-        yield
-    finally:
-        with _POOLING:
-            entry[1] -= 1
-            if entry[1] == 0:
-                net.set_local_pooling(None)
-                del _pooling_users[key]
-                _POOLING.notify_all()
-
-
-def _deblur_numpy(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """Restore a ``(..., H, W, C)`` array; the network's pooling mode is set for the call only."""
-    with _local_pooling(s["net"], s["tlc_window"]), _tile_streams(s["streams"]) as pool:
-        return _deblur_planes(moved, s, progress, fixed_probs, pool)
-
-
-def _deblur_planes(moved: np.ndarray, s: dict, progress, fixed_probs: np.ndarray | None,
-                   pool: ThreadPoolExecutor | None) -> tuple[np.ndarray, dict]:
-    net, dev = s["net"], s["dev"]
+def _deblur_numpy(moved: np.ndarray, plan: DeblurPlan, progress,
+                  fixed_probs: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Restore a ``(..., H, W, C)`` array plane by plane; ``fixed_probs``: one routing for all of them."""
+    net = plan.net
     *lead, h, w, c = moved.shape
     planes = moved.reshape(-1, h, w, c)
     out = np.empty_like(planes)
     if c == 4 and net.img_channel == 3:
         out[..., 3] = planes[..., 3]
-    jobs = _jobs(c, net.img_channel, s["bgr"])
-    plan = tiling.plan_summary(h, w, s["tile"], s["ovl"], s["multiple"])
-    total = plan["tiles"] * len(jobs) * len(planes)
-    report = _progress(progress, total)
-    ftype = _float_for(out.dtype)
-    scale = ftype(1.0 / (s["hi"] - s["lo"]))
-    probs_all = []
+    jobs = channel_jobs(c, net.img_channel, plan.bgr)
+    summary = tiling.plan_summary(h, w, plan.tile, plan.overlap, plan.multiple)
+    total = summary["tiles"] * len(jobs) * len(planes)
+    report = None if progress is False or progress is None else _Progress(progress, total)
+    records = []  # routing probabilities: one per plane and job (image routing) or per tile
+    with tile_streams(plan.streams) as pool:
+        for p, plane in enumerate(planes):
+            for chans, mode in jobs:
+                read = plane_reader(plane, chans, mode, plan)
 
-    for p, plane in enumerate(planes):
-        for chans, mode in jobs:
-            read = _tile_reader(plane, chans, mode, s)
+                def write(y0, y1, block, p=p, chans=chans, mode=mode):
+                    if mode == "gray" and net.img_channel == 3:
+                        block = block.mean(axis=0, keepdims=True)
+                    out[p][y0:y1, :, chans] = from_unit(block.transpose(1, 2, 0), plan.lo, plan.hi, out.dtype)
 
-            def write(y0, y1, block, p=p, chans=chans, mode=mode):
-                if mode == "gray" and net.img_channel == 3:
-                    block = block.mean(axis=0, keepdims=True)
-                block = block.transpose(1, 2, 0) / scale + ftype(s["lo"])
-                out[p][y0:y1, :, chans] = _to_dtype(block, out.dtype)
-
-            first = len(probs_all)  # this job's routing records start here
-            weights = None
-            if s["task"] is None and s["routing"] == "image":
-                probs = fixed_probs
-                if probs is None:
-                    probs = _route_image(net, dev, read, h, w, s["tile"], s["multiple"], batch=s["batch"], pool=pool)
-                weights = torch.from_numpy(np.asarray(probs)).float().to(dev)[None]
-                probs_all.append(probs)
-            runner = _Runner(net, dev, s["task"], weights, record=probs_all, precision=s["precision"],
-                             pool=pool, streams=s["streams"], ensemble=s["ensemble"])
-            tiling.stitch(read, runner, write, h, w, tile=s["tile"], overlap=s["ovl"], multiple=s["multiple"],
-                          batch_size=s["batch"] * s["streams"], progress=report)
-            # The low-light expert is meant to change the exposure: by default, a plane where it
-            # restored anything (the whole plane, or some of its tiles) keeps its new mean.
-            used = _experts_used(s["task"], probs_all[first:], net)
-            keep = s["preserve_mean"] if s["preserve_mean"] is not None else "low_light" not in used
-            if keep:
-                _match_mean(out[p], plane, chans)
+                first = len(records)  # this job's routing records start here
+                weights = None
+                if plan.routes_images:
+                    probs = fixed_probs if fixed_probs is not None else image_routing(read, h, w, plan, pool)
+                    weights = torch.from_numpy(np.asarray(probs)).float().to(plan.device)[None]
+                    records.append(probs)
+                runner = Runner(net, plan.device, plan.task, weights, record=records, precision=plan.precision,
+                                pool=pool, streams=plan.streams, ensemble=plan.ensemble, window=plan.window)
+                tiling.stitch(read, runner, write, h, w, tile=plan.tile, overlap=plan.overlap,
+                              multiple=plan.multiple, batch_size=plan.batch * plan.streams, progress=report)
+                # The low-light expert is meant to change the exposure: by default, a plane where it
+                # restored anything (the whole plane, or some of its tiles) keeps its new mean.
+                used = experts_used(plan.task, records[first:], net)
+                keep = plan.preserve_mean if plan.preserve_mean is not None else "low_light" not in used
+                if keep:
+                    match_mean(out[p], plane, chans)
     if report is not None:
         report.close()
-    info = _routing_info(s["task"], probs_all, net)
-    if s["task"] is None and s["routing"] == "tile":
-        info["tile_tasks"] = dict(Counter(_experts_used(None, probs_all, net)).most_common())
-    info.update(tiles=total, tile_shape=plan["tile_shape"], computed=plan["computed"] * s["ensemble"])
+    info = routing_info(plan.task, records, net)
+    if plan.task is None and plan.routing == "tile":
+        info["tile_tasks"] = dict(Counter(experts_used(None, records, net)).most_common())
+    info.update(tiles=total, tile_shape=summary["tile_shape"], computed=summary["computed"] * plan.ensemble)
     return out.reshape(moved.shape), info
 
 
-def _experts_used(task, records, net) -> list[str]:
-    """The expert that restored each routed tile (its top routing weight), or the forced one."""
-    if task is not None:
-        return [task]
-    names = TASKS[: net.num_exp]
-    return [names[int(np.argmax(p))] for p in records]
+def _deblur_dask(moved, plan: DeblurPlan):
+    """Lazy: every chunk (all channels, overlapping neighbours) restored on demand."""
+    *lead, h, w, c = moved.shape
+    # Whole channel axis per chunk, one plane per chunk, spatial chunks as given.
+    moved = moved.rechunk({**{i: 1 for i in range(len(lead))}, moved.ndim - 1: -1})
+    probs = lazy_image_routing(moved, plan) if plan.routes_images else None
+    info = routing_info(plan.task, [] if probs is None else [probs], plan.net)
+    info.update(tiles=None, tile_shape=None, computed=None)  # planned per chunk, lazily
+    if plan.nan_policy == "raise" and moved.dtype.kind == "f":  # each chunk's own pixels, counted once
+        moved = moved.map_blocks(finite_chunk, dtype=moved.dtype)
+    margin = 2 * plan.overlap + plan.multiple  # context each chunk borrows from its neighbours
+    depth = {i: 0 for i in range(moved.ndim)}
+    depth[moved.ndim - 3] = min(margin, h)  # dask refuses a depth beyond the array
+    depth[moved.ndim - 2] = min(margin, w)
+    # Mean matching needs the whole plane; per chunk it could leave steps at chunk borders.
+    # dask's own threads already restore chunks in parallel: one tile stream per chunk.
+    chunk_plan = dataclasses.replace(plan, preserve_mean=False, streams=1)
 
+    def block_fn(block):
+        filled, holes = without_holes(block, plan.nan_policy)
+        out = _deblur_numpy(filled, chunk_plan, False, fixed_probs=probs)[0]
+        if holes is not None:
+            out[holes] = block[holes]
+        return out
 
-def _routing_info(task, probs_all, net) -> dict:
-    names = TASKS[: net.num_exp]
-    if task is not None:
-        probs, used = np.eye(net.num_exp)[TASKS.index(task)], task
-    elif probs_all:
-        probs = np.mean(probs_all, axis=0)
-        used = names[int(np.argmax(probs))]
-    else:
-        probs, used = np.full(net.num_exp, np.nan), None
-    return {"probabilities": {n: float(p) for n, p in zip(names, probs)}, "task": used,
-            "forced": task is not None}
-
-
-def _progress(progress, total: int):
-    """None, or a reporter that turns per-batch tile counts into callbacks or a bar."""
-    if progress is False or progress is None:
-        return None
-    return _Progress(progress, total)
+    return moved.map_overlap(block_fn, depth=depth, boundary="reflect", dtype=moved.dtype), info
 
 
 class _Progress:
-    """Turns per-batch tile counts into ``(done, total)`` callbacks or a tqdm bar."""
+    """Turns per-batch tile counts into ``(done, total)`` callbacks or (``progress=True``) a tqdm bar."""
 
     def __init__(self, progress, total: int):
         self.total, self.done = total, 0
@@ -836,65 +292,3 @@ class _Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
-
-
-def _deblur_dask(moved, s: dict):
-    """Lazy: every chunk (all channels, overlapping neighbours) restored on demand."""
-    net = s["net"]
-    *lead, h, w, c = moved.shape
-    # Whole channel axis per chunk, one plane per chunk, spatial chunks as given.
-    moved = moved.rechunk({**{i: 1 for i in range(len(lead))}, moved.ndim - 1: -1})
-    probs = None
-    if s["task"] is None and s["routing"] == "image":
-        # One routing for the whole lazy image, from a central crop of its first plane.
-        plane = moved[(0,) * len(lead)]
-        ch, cw = min(h, 4 * s["tile"]), min(w, 4 * s["tile"])
-        y0, x0 = (h - ch) // 2, (w - cw) // 2
-        crop = np.asarray(plane[y0 : y0 + ch, x0 : x0 + cw].compute())
-        crop = _filled(crop, s["nan_policy"])[0]
-        probs = _route_crop(crop, s)
-    info = _routing_info(s["task"], [] if probs is None else [probs], net)
-    info.update(tiles=None, tile_shape=None, computed=None)  # planned per chunk, lazily
-    if s["nan_policy"] == "raise" and moved.dtype.kind == "f":  # each chunk's own pixels, counted once
-        moved = moved.map_blocks(_finite_chunk, dtype=moved.dtype)
-    margin = 2 * s["ovl"] + s["multiple"]  # context each chunk borrows from its neighbours
-    depth = {i: 0 for i in range(moved.ndim)}
-    depth[moved.ndim - 3] = min(margin, h)  # dask refuses a depth beyond the array
-    depth[moved.ndim - 2] = min(margin, w)
-
-    # Mean matching needs the whole plane; per chunk it could leave steps at chunk borders.
-    # dask's own threads already restore chunks in parallel: one tile stream per chunk.
-    block_settings = {**s, "preserve_mean": False, "streams": 1}
-
-    def block_fn(block):
-        filled, holes = _filled(block, s["nan_policy"])
-        out = _deblur_numpy(filled, block_settings, False, fixed_probs=probs)[0]
-        if holes is not None:
-            out[holes] = block[holes]
-        return out
-
-    out = moved.map_overlap(block_fn, depth=depth, boundary="reflect", dtype=moved.dtype)
-    return out, info
-
-
-def _finite_chunk(block: np.ndarray, block_info=None) -> np.ndarray:
-    """``block`` as it is, or ValueError counting its NaN/Inf (checked before neighbours borrow its pixels)."""
-    bad = int(np.count_nonzero(~np.isfinite(block)))
-    if bad:
-        where = ""
-        if block_info:
-            (y0, y1), (x0, x1) = block_info[0]["array-location"][-3:-1]
-            where = f" in its chunk at rows {y0}-{y1 - 1}, columns {x0}-{x1 - 1}"
-        raise ValueError(f"image contains {bad} NaN or infinite value(s){where} (lazy input is checked chunk by "
-                         "chunk, as it is computed); pass nan_policy='keep' to restore the pixels around them "
-                         "and keep them as they are, or replace them (e.g. da.nan_to_num) first")
-    return block
-
-
-def _route_crop(crop: np.ndarray, s: dict) -> np.ndarray:
-    """Routing probabilities of a ``(H, W, C)`` crop, estimated as for a whole image."""
-    chans, mode = _jobs(crop.shape[-1], s["net"].img_channel, s["bgr"])[0]
-    read = _tile_reader(crop, chans, mode, s)
-    with _local_pooling(s["net"], s["tlc_window"]):  # the pooling the chunks are restored with
-        return _route_image(s["net"], s["dev"], read, crop.shape[0], crop.shape[1], s["tile"], s["multiple"],
-                            batch=s["batch"])

@@ -5,7 +5,7 @@ entry is the state dict; they are read with ``weights_only=True`` so that no
 pickled code can ever run. Our own weights are safetensors files whose header
 holds the architecture, ``top_k`` and any metadata (training record, input
 convention). The architecture is always read back from the parameter names
-and shapes, never hard-coded.
+and shapes, never hard-coded (and checked against the header's record of it).
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import json
 import os
 import pickle
 import re
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .devices import available_devices, resolve_device  # noqa: F401 - re-exported: demoe.checkpoint's before
 from .model import DeMoE
 
 #: Packaged weights, described as data (file inside ``demoe/weights``).
@@ -31,44 +33,6 @@ _TOP_K_KEY = "top_k"
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be turned into a DeMoE model."""
-
-
-# -- devices --------------------------------------------------------------------
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/"auto" -> cuda if available, else mps, else cpu.
-
-    A device this machine does not have (``"cuda"`` without CUDA, ``"cuda:3"``
-    with two GPUs, ``"mps"`` off a Mac, or any other kind) is a ``ValueError``
-    that names the devices available.
-    """
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    here = f"available here: auto, {', '.join(available_devices())}"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}; {here}") from err
-    cuda = dev.type == "cuda" and torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
-    mps = getattr(torch.backends, "mps", None)
-    if dev.type == "cpu" or cuda or (dev.type == "mps" and mps is not None and mps.is_available()):
-        return dev
-    raise ValueError(f"device {str(device)!r} is not available on this machine; {here}")
-
-
-def available_devices() -> list[str]:
-    """Devices this machine can run on, best first."""
-    found = []
-    if torch.cuda.is_available():
-        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        found.append("mps")
-    return [*found, "cpu"]
 
 
 # -- architecture from a state dict ----------------------------------------------
@@ -241,6 +205,10 @@ def model_from_state_dict(
         config = infer_config(state_dict)
     except CheckpointError as err:
         raise CheckpointError(f"{origin}: {err}") from None
+    recorded = metadata.get(_CONFIG_KEY)  # what save_model wrote: the parameters must agree with it
+    if recorded is not None and recorded != config:
+        raise CheckpointError(f"{origin}: the header records the architecture {recorded}, but the parameters "
+                              f"are those of {config}")
     _check_architecture(config, state_dict, origin)
     k = int(top_k) if top_k is not None else _metadata_int(metadata, _TOP_K_KEY, 1, origin)
     if "patch_size" in metadata:
@@ -249,7 +217,7 @@ def model_from_state_dict(
         raise ValueError(f"top_k must be between 1 and {config['num_exp']} (the number of experts), got {k}")
     try:
         with torch.device("meta"):  # shapes only: nothing allocated
-            skeleton = DeMoE(**config, k_used=k)
+            skeleton = DeMoE(**config, top_k=k)
     except (ValueError, RuntimeError) as err:
         raise CheckpointError(f"{origin}: cannot build DeMoE from {config}: {err}") from err
     parameters = sum(p.numel() for p in skeleton.parameters())
@@ -257,7 +225,7 @@ def model_from_state_dict(
         raise CheckpointError(f"{origin}: not a DeMoE this package builds: {parameters:,} parameters (at most "
                               f"{MAX_PARAMETERS:,}) in {config}")
     _check_keys(skeleton, state_dict, origin)
-    model = DeMoE(**config, k_used=k)
+    model = DeMoE(**config, top_k=k)
     model.load_state_dict(state_dict)
     model.metadata = metadata
     return model
@@ -325,6 +293,33 @@ def load_model(
     return model.to(resolve_device(device)).eval()
 
 
+_models: dict[tuple[str | None, str], DeMoE] = {}  # (resolved file or None, device) -> model
+_models_lock = threading.Lock()
+
+
+def cached_model(source: str | Path | None = None, device: str | torch.device | None = None, *,
+                 load: bool = True) -> DeMoE | None:
+    """:func:`load_model`, once per file and device: one model object for every caller of the process.
+
+    ``deblur()``'s default model, the napari widget and a script in napari's
+    console share it instead of loading copies. The model is shared: leave its
+    weights and attributes as they are. ``load=False`` returns None for a
+    model not loaded yet (nothing is read).
+    """
+    dev = resolve_device(device)
+    key = (None if source is None else str(Path(source).resolve()), str(dev))
+    with _models_lock:
+        if key not in _models and load:
+            _models[key] = load_model(source, device=dev)
+        return _models.get(key)
+
+
+def clear_model_cache() -> None:
+    """Forget the models :func:`cached_model` loaded (they are loaded again when next asked for)."""
+    with _models_lock:
+        _models.clear()
+
+
 def save_model(model: DeMoE, path: str | Path, **metadata: Any) -> Path:
     """Write ``model`` as safetensors with its architecture and metadata.
 
@@ -332,10 +327,10 @@ def save_model(model: DeMoE, path: str | Path, **metadata: Any) -> Path:
     header and returned by :func:`load_model` as ``model.metadata``.
     """
     path = Path(path)
-    header = {k: json.dumps(v) for k, v in getattr(model, "metadata", {}).items()}
+    header = {k: json.dumps(v) for k, v in model.metadata.items()}
     header.update({k: json.dumps(v) for k, v in metadata.items()})
     header[_CONFIG_KEY] = json.dumps(model.config)
-    header[_TOP_K_KEY] = json.dumps(model.k_used)
+    header[_TOP_K_KEY] = json.dumps(model.top_k)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     return _write_safetensors(tensors, path, header)
 

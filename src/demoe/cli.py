@@ -24,8 +24,7 @@ def collect_inputs(inputs: Sequence[str], recursive: bool,
     skips what is done instead of deblurring the results again. Those files come back as
     the second list. Files named on the command line are always taken.
     """
-    from .data import natural_key
-    from .files import SUFFIXES, split_name
+    from .files import SUFFIXES, natural_key, split_name
 
     found: list[tuple[Path, Path]] = []
     earlier: list[Path] = []
@@ -61,118 +60,21 @@ def output_path(src: Path, rel: Path, outdir: Path | None, suffix: str) -> Path:
 def _deblur_zarr(src: Path, dest: Path, kwargs: dict, quiet: bool = False, max_pixels: int | None = None) -> dict:
     """A zarr array, or an OME-Zarr image (its full-resolution level), deblurred lazily into ``dest``."""
     import contextlib
-    import shutil
 
-    import dask.array as da
-
-    try:
-        import zarr
-    except ImportError:
-        raise ValueError("reading zarr needs the zarr package: pip install zarr") from None
     from tqdm.auto import tqdm
     from tqdm.dask import TqdmCallback
 
     from .api import deblur
-    from .files import check_size, partial_path
+    from .files import read_zarr, write_zarr
 
-    accepted = "accepted: a zarr array, or an OME-Zarr image"
-    try:
-        node = zarr.open(str(src), mode="r")
-    except (OSError, ValueError, KeyError, TypeError) as err:  # no zarr.json/.zarray, or unreadable metadata
-        raise ValueError(f"cannot open {src.name} as zarr ({type(err).__name__}: {err}); {accepted}") from None
-    attrs = None
-    if isinstance(node, zarr.Group):
-        attrs = dict(node.attrs)
-        ome = attrs.get("ome", attrs)  # OME-Zarr 0.5 nests its metadata under "ome"
-        multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
-        if not multiscales:
-            raise ValueError(f"{src.name} is a zarr group without OME-Zarr 'multiscales' metadata; {accepted}")
-        levels = multiscales[0].get("datasets") if isinstance(multiscales, list) and isinstance(multiscales[0], dict) else None
-        if not isinstance(levels, list) or not levels or not all(isinstance(lv, dict) and "path" in lv for lv in levels):
-            raise ValueError(f"{src.name}: its OME-Zarr 'multiscales' metadata lists no levels ('datasets' with a "
-                             f"'path' each); {accepted}")
-        missing = [lv["path"] for lv in levels if not isinstance(node.get(str(lv["path"])), zarr.Array)]
-        if missing:
-            raise ValueError(f"{src.name}: OME-Zarr level(s) {', '.join(map(repr, missing))} named in its metadata "
-                             "are not arrays in the store")
-        arr = da.from_zarr(node[levels[0]["path"]])
-    else:
-        arr = da.from_zarr(node)
-    if arr.ndim >= 2:  # read chunk by chunk: a chunk is what must fit in memory
-        chunk = arr.chunksize
-        h, w = chunk[-3:-1] if arr.ndim >= 3 and arr.shape[-1] in (3, 4) else chunk[-2:]
-        check_size(f"a chunk of {src.name}", h, w, max_pixels)
-    out, info = deblur(arr, return_info=True, **kwargs)
-    tmp = partial_path(dest)  # this process's own: a concurrent run writes its own
+    image = read_zarr(src, max_pixels)
+    out, info = deblur(image.data, return_info=True, **kwargs)
     # dask computes the chunks as the store is written: a bar over its tasks (chunks read, restored, written).
     bar = (contextlib.nullcontext() if quiet else
            TqdmCallback(tqdm_class=tqdm, desc=src.name, unit="task", leave=False, mininterval=1.0))
-    try:
-        with bar:
-            if attrs is None:
-                out.to_zarr(str(tmp))
-            else:
-                fmt = getattr(getattr(node, "metadata", None), "zarr_format", None)
-                group = zarr.open_group(str(tmp), mode="w", **({"zarr_format": fmt} if fmt else {}))
-                written = _write_pyramid(group, out, levels, [node[level["path"]] for level in levels])
-                ome["multiscales"] = [{**multiscales[0], "datasets": written}, *multiscales[1:]]
-                group.attrs.update(attrs)
-        _move_into_place(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with bar:
+        write_zarr(dest, dataclasses.replace(image, data=out))
     return info
-
-
-def _move_into_place(tmp: Path, dest: Path) -> None:
-    """Rename the folder ``tmp`` to ``dest``; an existing ``dest`` is moved aside first and removed after,
-    so that ``dest`` is missing for a moment only, and is never a mix of two runs."""
-    import shutil
-
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    try:
-        dest.rename(old)
-    except FileNotFoundError:
-        old = None
-    try:
-        tmp.rename(dest)
-    except OSError as err:  # another run put its result there meanwhile: that one stays
-        if old is not None and not dest.exists():
-            old.rename(dest)
-        raise ValueError(f"{dest} was written by another run at the same time; this run's result was not "
-                         f"kept ({err.strerror or err})") from None
-    finally:
-        if old is not None and old.exists():
-            shutil.rmtree(old)
-
-
-def _write_pyramid(group, full, levels: list[dict], sources: list) -> list[dict]:
-    """Write ``full`` as the first level and remake the input's lower levels from it.
-
-    Each lower level is the block mean of the level above it, by the factors
-    between the input's own levels (read back from the store, so the network
-    runs once). Returns the levels written (a level that would be empty ends it).
-    """
-    import dask.array as da
-    import numpy as np
-
-    create = getattr(group, "create_array", None) or group.create_dataset  # zarr 3, zarr 2
-    target = create(levels[0]["path"], shape=full.shape, chunks=full.chunksize, dtype=full.dtype)
-    da.store(full, target, lock=False)
-    written, above = [levels[0]], da.from_zarr(target)
-    for level, upper, lower in zip(levels[1:], sources, sources[1:]):
-        factors = {ax: max(1, round(a / max(b, 1))) for ax, (a, b) in enumerate(zip(upper.shape, lower.shape))}
-        if any(above.shape[ax] < f for ax, f in factors.items()):
-            break
-        mean = da.coarsen(np.mean, above.astype(np.float64), factors, trim_excess=True)
-        if np.issubdtype(full.dtype, np.integer):
-            mean = mean.round()
-        chunks = tuple(min(c, n) for c, n in zip(lower.chunks, mean.shape))
-        target = create(level["path"], shape=mean.shape, chunks=chunks, dtype=full.dtype)
-        da.store(mean.astype(full.dtype).rechunk(chunks), target, lock=False)
-        written.append(level)
-        above = da.from_zarr(target)
-    return written
 
 
 def _key(path: Path) -> Path:
@@ -264,7 +166,7 @@ def run_deblur(args: argparse.Namespace) -> int:
             outdir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             return fail(f"cannot create the output folder {outdir}: {err.strerror or err}")
-    kwargs = dict(task=None if args.task == "auto" else args.task, model=model, device=args.device,
+    kwargs = dict(task=args.task, model=model, device=args.device,
                   tile_size=args.tile_size, overlap=args.overlap, ensemble=args.ensemble, routing=args.routing,
                   preserve_mean=True if args.preserve_mean else None, nan_policy=args.nan_policy)
     failed = skipped = 0
@@ -366,8 +268,8 @@ def run_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .checkpoint import (CheckpointError, available_devices, default_weights_path, load_model, resolve_device,
-                             training_stages)
+    from .checkpoint import CheckpointError, default_weights_path, load_model, training_stages
+    from .devices import available_devices, resolve_device
 
     print(f"demoe {__version__}, torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
     print(f"devices available: {', '.join(available_devices())}; would use: {resolve_device(None)}")
@@ -386,7 +288,7 @@ def run_info(args: argparse.Namespace) -> int:
     meta = dict(model.metadata)
     record = meta.pop("training", {})
     print(f"{title}: {path}")
-    print(f"  config: {json.dumps(model.config)}, top_k={model.k_used}, "
+    print(f"  config: {json.dumps(model.config)} ({model.architecture or 'a custom'} architecture), top_k={model.top_k}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     convention = meta.get("input_convention")
     print("  input convention: " + (json.dumps(convention) if convention else

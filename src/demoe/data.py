@@ -20,14 +20,10 @@ import numpy as np
 import torch
 
 from .degrade import GENERATORS, make_pair
+from .files import natural_key, read_image
 from .tasks import TASKS, task_index
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
-
-
-def natural_key(path: Path) -> list:
-    """Sort key that orders ``img2`` before ``img10``."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
 
 
 def list_images(folders: Sequence[str | Path], recursive: bool = True) -> list[Path]:
@@ -46,15 +42,23 @@ def list_images(folders: Sequence[str | Path], recursive: bool = True) -> list[P
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image as float32 RGB in [0, 1] (8- or 16-bit; gray replicated)."""
-    from .files import decode_opencv
+    """Read a picture (:func:`demoe.files.read_image`) as float32 RGB in [0, 1].
 
-    img = decode_opencv(path)[0]  # ValueError if it cannot be read; OpenCV never sees the file name
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2RGB)
-    return img.astype(np.float32) / scale
+    8- or 16-bit; gray is replicated, alpha dropped, and of a stack (a
+    multi-page TIFF) the first plane is taken. ValueError for other data.
+    """
+    img = read_image(path)  # ValueError if it cannot be read
+    data, axis = img.data, img.channel_axis
+    if axis == "auto":  # .npy: a last axis of 3 or 4 is colour
+        axis = data.ndim - 1 if data.ndim >= 3 and data.shape[-1] in (3, 4) else None
+    data = data[..., None] if axis is None else np.moveaxis(data, axis, -1)
+    data = data.reshape(-1, *data.shape[-3:])[0]
+    if data.dtype not in (np.uint8, np.uint16) or data.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"{Path(path).name}: a training picture must be 8- or 16-bit gray, RGB or RGBA; got "
+                         f"{data.dtype} with {data.shape[-1]} channel(s)")
+    scale = 65535.0 if data.dtype == np.uint16 else 255.0
+    rgb = np.repeat(data, 3, axis=2) if data.shape[-1] == 1 else data[..., [2, 1, 0] if img.bgr else [0, 1, 2]]
+    return rgb.astype(np.float32) / scale
 
 
 # -- procedural images --------------------------------------------------------------
@@ -203,8 +207,6 @@ class PsfPairs(SyntheticPairs):
 
 def read_psf(path: str | Path) -> np.ndarray:
     """A 2-D PSF from an image file (TIFF, PNG, .npy, FITS...), clipped at 0 and normalised to sum 1."""
-    from .files import read_image
-
     data = np.squeeze(np.asarray(read_image(path).data, np.float64))
     if data.ndim == 3 and data.shape[-1] in (3, 4):  # an RGB(A) picture of a PSF
         data = data[..., :3].mean(axis=-1)
@@ -300,7 +302,7 @@ class Prepared(NamedTuple):
     duplicates: tuple[Path, ...] = ()
 
 
-def _shrink(img: np.ndarray, short_side: int, min_downscale: float, max_aspect: float | None) -> np.ndarray:
+def shrink(img: np.ndarray, short_side: int, min_downscale: float, max_aspect: float | None) -> np.ndarray:
     """Centre-crop to ``max_aspect``, then shrink (area) by at least ``min_downscale`` to at most ``short_side``."""
     h, w = img.shape[:2]
     if max_aspect:
@@ -366,7 +368,7 @@ def prepare_photos(sources: Sequence[str | Path], out: str | Path, *, short_side
             img = decode_opencv(path, cv2.IMREAD_COLOR)[0]
         except ValueError:
             continue
-        small = _shrink(img, short_side, min_downscale, max_aspect)
+        small = shrink(img, short_side, min_downscale, max_aspect)
         if min(small.shape[:2]) < min_size:
             continue
         pixels, thumb, duplicates = img.shape[0] * img.shape[1], thumbnail(small), ()

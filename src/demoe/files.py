@@ -10,9 +10,10 @@ channels, planes; only the first series), FITS through astropy when it is
 installed (every image HDU is restored; every other HDU and every header card is
 written back),
 ``.npy`` through
-numpy (no pickles). Every write goes to a temporary file in the destination
-folder and is renamed into place, so an interrupted run never leaves a
-half-written image.
+numpy (no pickles), zarr arrays and OME-Zarr images (their full-resolution
+level; the other levels are remade from the result) lazily, through dask.
+Every write goes to a temporary file (or folder) in the destination folder and
+is renamed into place, so an interrupted run never leaves a half-written image.
 
 Sizes are read from a file's header before anything is decoded: an image over
 :data:`MAX_PIXELS` pixels per plane is refused, so a small file whose header
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +44,11 @@ COMPOUND_SUFFIXES = (".ome.tif", ".ome.tiff", ".ome.zarr")
 #: refused before decoding; the environment variable DEMOE_MAX_PIXELS (or ``demoe deblur
 #: --max-pixels``) raises it. Zarr stores are read lazily, chunk by chunk, and have no such limit.
 MAX_PIXELS = 16384 * 16384
+
+
+def natural_key(path: Path) -> list:
+    """Sort key that orders ``img2`` before ``img10``."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(path))]
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -406,3 +413,144 @@ def _write_tiff(tmp: Path, image: Image) -> None:
     else:
         meta = {"axes": info["axes"]} if "axes" in info else {}
         tifffile.imwrite(tmp, image.data, metadata=meta, description=info.get("description"), **kwargs)
+
+
+# -- zarr and OME-Zarr: read and written lazily, chunk by chunk -------------------------------------
+@dataclass
+class LazyImage:
+    """A zarr array, or an OME-Zarr image's full-resolution level, as a dask array, plus what is needed to
+    write a result back the same way (:func:`write_zarr`)."""
+
+    data: Any  # dask array
+    store: Any = None  # the zarr node it was read from
+    attrs: dict[str, Any] | None = None  # an OME-Zarr group's attributes; None for a plain array
+    levels: list[dict] = field(default_factory=list)  # the OME-Zarr multiscales' levels ("datasets")
+
+
+def read_zarr(path: str | Path, max_pixels: int | None = None) -> LazyImage:
+    """Open a zarr array, or an OME-Zarr image (its full-resolution level), lazily.
+
+    ValueError, naming what is accepted, for anything else; a chunk over
+    ``max_pixels`` pixels per plane (default: :func:`max_pixels`) is refused,
+    as a chunk is what must fit in memory.
+    """
+    import dask.array as da
+
+    try:
+        import zarr
+    except ImportError:
+        raise ValueError("reading zarr needs the zarr package: pip install zarr") from None
+    path = Path(path)
+    accepted = "accepted: a zarr array, or an OME-Zarr image"
+    try:
+        node = zarr.open(str(path), mode="r")
+    except (OSError, ValueError, KeyError, TypeError) as err:  # no zarr.json/.zarray, or unreadable metadata
+        raise ValueError(f"cannot open {path.name} as zarr ({type(err).__name__}: {err}); {accepted}") from None
+    if isinstance(node, zarr.Group):
+        attrs = dict(node.attrs)
+        ome = attrs.get("ome", attrs)  # OME-Zarr 0.5 nests its metadata under "ome"
+        multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
+        if not multiscales:
+            raise ValueError(f"{path.name} is a zarr group without OME-Zarr 'multiscales' metadata; {accepted}")
+        first = multiscales[0] if isinstance(multiscales, list) else None
+        levels = first.get("datasets") if isinstance(first, dict) else None
+        if not isinstance(levels, list) or not levels or not all(isinstance(v, dict) and "path" in v for v in levels):
+            raise ValueError(f"{path.name}: its OME-Zarr 'multiscales' metadata lists no levels ('datasets' with a "
+                             f"'path' each); {accepted}")
+        missing = [lv["path"] for lv in levels if not isinstance(node.get(str(lv["path"])), zarr.Array)]
+        if missing:
+            raise ValueError(f"{path.name}: OME-Zarr level(s) {', '.join(map(repr, missing))} named in its metadata "
+                             "are not arrays in the store")
+        image = LazyImage(da.from_zarr(node[levels[0]["path"]]), node, attrs, levels)
+    else:
+        image = LazyImage(da.from_zarr(node), node)
+    arr = image.data
+    if arr.ndim >= 2:  # read chunk by chunk: a chunk is what must fit in memory
+        chunk = arr.chunksize
+        h, w = chunk[-3:-1] if arr.ndim >= 3 and arr.shape[-1] in (3, 4) else chunk[-2:]
+        check_size(f"a chunk of {path.name}", h, w, max_pixels)
+    return image
+
+
+def write_zarr(dest: str | Path, image: LazyImage) -> None:
+    """Write ``image.data`` (computed chunk by chunk as it is written) to ``dest`` the way it was read.
+
+    A plain array is written as a zarr array; an OME-Zarr image as an OME-Zarr
+    group with the source's attributes, its first level the data and its
+    lower levels remade from it. Written to a temporary folder beside ``dest``
+    and renamed into place.
+    """
+    import copy
+    import shutil
+
+    import zarr
+
+    dest = Path(dest)
+    tmp = partial_path(dest)  # this process's own: a concurrent run writes its own
+    try:
+        if image.attrs is None:
+            image.data.to_zarr(str(tmp))
+        else:
+            attrs = copy.deepcopy(image.attrs)
+            ome = attrs.get("ome", attrs)
+            multiscales = ome["multiscales"]
+            fmt = getattr(getattr(image.store, "metadata", None), "zarr_format", None)
+            group = zarr.open_group(str(tmp), mode="w", **({"zarr_format": fmt} if fmt else {}))
+            written = _write_pyramid(group, image.data, image.levels,
+                                     [image.store[level["path"]] for level in image.levels])
+            ome["multiscales"] = [{**multiscales[0], "datasets": written}, *multiscales[1:]]
+            group.attrs.update(attrs)
+        _move_into_place(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    """Rename the folder ``tmp`` to ``dest``; an existing ``dest`` is moved aside first and removed after,
+    so that ``dest`` is missing for a moment only, and is never a mix of two runs."""
+    import shutil
+
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    try:
+        dest.rename(old)
+    except FileNotFoundError:
+        old = None
+    try:
+        tmp.rename(dest)
+    except OSError as err:  # another run put its result there meanwhile: that one stays
+        if old is not None and not dest.exists():
+            old.rename(dest)
+        raise ValueError(f"{dest} was written by another run at the same time; this run's result was not "
+                         f"kept ({err.strerror or err})") from None
+    finally:
+        if old is not None and old.exists():
+            shutil.rmtree(old)
+
+
+def _write_pyramid(group, full, levels: list[dict], sources: list) -> list[dict]:
+    """Write ``full`` as the first level and remake the input's lower levels from it.
+
+    Each lower level is the block mean of the level above it, by the factors
+    between the input's own levels (read back from the store, so the network
+    runs once). Returns the levels written (a level that would be empty ends it).
+    """
+    import dask.array as da
+
+    create = getattr(group, "create_array", None) or group.create_dataset  # zarr 3, zarr 2
+    target = create(levels[0]["path"], shape=full.shape, chunks=full.chunksize, dtype=full.dtype)
+    da.store(full, target, lock=False)
+    written, above = [levels[0]], da.from_zarr(target)
+    for level, upper, lower in zip(levels[1:], sources, sources[1:]):
+        factors = {ax: max(1, round(a / max(b, 1))) for ax, (a, b) in enumerate(zip(upper.shape, lower.shape))}
+        if any(above.shape[ax] < f for ax, f in factors.items()):
+            break
+        mean = da.coarsen(np.mean, above.astype(np.float64), factors, trim_excess=True)
+        if np.issubdtype(full.dtype, np.integer):
+            mean = mean.round()
+        chunks = tuple(min(c, n) for c, n in zip(lower.chunks, mean.shape))
+        target = create(level["path"], shape=mean.shape, chunks=chunks, dtype=full.dtype)
+        da.store(mean.astype(full.dtype).rechunk(chunks), target, lock=False)
+        written.append(level)
+        above = da.from_zarr(target)
+    return written

@@ -8,13 +8,36 @@ published checkpoints exactly (see ``docs/architecture.md``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .tasks import TASKS, task_index
+
+#: Named architectures: DeMoE's constructor arguments (experts per image aside), the one place
+#: they are written. "published": the paper's network (about 60 M parameters), the constructor's
+#: defaults. "compact": the packaged weights' network, and what ``demoe train`` builds by default.
+ARCHITECTURES: Mapping[str, Mapping[str, Any]] = {
+    "published": {"img_channel": 3, "width": 32, "middle_blk_num": 1, "enc_blk_nums": (1, 1, 1, 28),
+                  "dec_blk_nums": (1, 1, 1, 1), "num_exp": 5},
+    "compact": {"img_channel": 3, "width": 16, "middle_blk_num": 2, "enc_blk_nums": (1, 1, 2, 4),
+                "dec_blk_nums": (1, 1, 1, 1), "num_exp": 5},
+}
+_PUBLISHED = ARCHITECTURES["published"]
+
+
+def architecture_name(config: Mapping[str, Any]) -> str | None:
+    """The name in :data:`ARCHITECTURES` of a ``DeMoE.config``, or None for any other architecture."""
+    given = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in config.items()}
+    for name, arch in ARCHITECTURES.items():
+        if given == {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()}:
+            return name
+    return None
 
 
 class LayerNorm2d(nn.Module):
@@ -88,10 +111,11 @@ def local_mean_coarse(x: torch.Tensor, size: int, cells: int = 16) -> torch.Tens
 class NAFBlock(nn.Module):
     """The NAFNet block (Chen et al., 2022) on ``c`` channels.
 
-    ``local_pool`` (None by default) switches the channel attention's global
-    average to a local window mean of that size: the test-time local converter
-    of Chu et al., 2022 ("Improving Image Restoration by Revisiting Global
-    Information Aggregation"), see :meth:`DeMoE.set_local_pooling`.
+    ``forward(u, pool)``: a ``pool`` window (pixels at this block's level; None,
+    the default, pools globally) switches the channel attention's global average
+    to a local window mean of that size: the test-time local converter of Chu et
+    al., 2022 ("Improving Image Restoration by Revisiting Global Information
+    Aggregation"), see ``DeMoE.forward(pool_window=...)``.
     """
 
     def __init__(self, c: int):
@@ -109,14 +133,13 @@ class NAFBlock(nn.Module):
         # Zero residual scales: a fresh block is the identity.
         self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
         self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
-        self.local_pool: int | None = None
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, pool: int | None = None) -> torch.Tensor:
         t = self.gate(self.conv2(self.conv1(self.norm1(u))))
-        if self.local_pool is None:
+        if pool is None:
             t = t * self.sca(t)
         else:
-            t = t * self.sca[1](local_mean_coarse(t, self.local_pool))
+            t = t * self.sca[1](local_mean_coarse(t, pool))
         y = u + self.conv3(t) * self.beta
         z = self.gate(self.conv4(self.norm2(y)))
         return y + self.conv5(z) * self.gamma
@@ -129,9 +152,9 @@ class NAFStage(nn.Module):
         super().__init__()
         self.modules_list = nn.ModuleList(NAFBlock(c) for _ in range(num_blocks))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pool: int | None = None) -> torch.Tensor:
         for block in self.modules_list:
-            x = block(x)
+            x = block(x, pool)
         return x
 
 
@@ -149,11 +172,11 @@ class MoEBlock(nn.Module):
         self.experts = nn.ModuleList(NAFBlock(c) for _ in range(num_exp))
 
     def forward(self, x: torch.Tensor, mix: torch.Tensor,
-                expert_slices: Sequence[tuple[int, int, int]] | None = None) -> torch.Tensor:
+                expert_slices: Sequence[tuple[int, int, int]] | None = None, pool: int | None = None) -> torch.Tensor:
         # ``mix`` is the (N, num_exp) matrix of renormalised top-k weights,
         # zero where an expert was not chosen (see ``DeMoE.mixing_weights``).
         if expert_slices is not None:  # rows [start, stop) go to one expert, whole: no weights to look up
-            return torch.cat([self.experts[e](x[start:stop]) for e, start, stop in expert_slices])
+            return torch.cat([self.experts[e](x[start:stop], pool) for e, start, stop in expert_slices])
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             rows = torch.nonzero(mix[:, e] > 0).flatten()
@@ -161,9 +184,9 @@ class MoEBlock(nn.Module):
                 continue
             w = mix[rows, e].to(x.dtype).view(-1, 1, 1, 1)
             if rows.numel() == x.shape[0]:
-                out = out + w * expert(x)
+                out = out + w * expert(x, pool)
             else:
-                out = out.index_add(0, rows, w * expert(x[rows]))
+                out = out.index_add(0, rows, w * expert(x[rows], pool))
         return out
 
 
@@ -211,8 +234,22 @@ class DeMoE(nn.Module):
     num_exp : int
         Number of experts in every MoE block (the published model: 5, one per
         entry of :data:`TASKS`).
-    k_used : int
-        Experts used per image (top-k of the routing weights).
+    top_k : int
+        Experts used per image (top-k of the routing weights). ``k_used``, the
+        published code's name for it, is accepted with a DeprecationWarning.
+
+    The defaults are the ``"published"`` architecture;
+    ``DeMoE(**ARCHITECTURES["compact"])`` builds the packaged weights' one.
+
+    Attributes
+    ----------
+    config : dict
+        The architecture (the constructor's arguments but ``top_k``).
+    metadata : dict
+        What the weights' file records (training patch, training record...);
+        empty for a model built here.
+    source : str or None
+        The file the weights were loaded from.
 
     Notes
     -----
@@ -223,22 +260,27 @@ class DeMoE(nn.Module):
 
     def __init__(
         self,
-        img_channel: int = 3,
-        width: int = 32,
-        middle_blk_num: int = 1,
-        enc_blk_nums: Sequence[int] = (1, 1, 1, 28),
-        dec_blk_nums: Sequence[int] = (1, 1, 1, 1),
-        num_exp: int = 5,
-        k_used: int = 1,
+        img_channel: int = _PUBLISHED["img_channel"],
+        width: int = _PUBLISHED["width"],
+        middle_blk_num: int = _PUBLISHED["middle_blk_num"],
+        enc_blk_nums: Sequence[int] = _PUBLISHED["enc_blk_nums"],
+        dec_blk_nums: Sequence[int] = _PUBLISHED["dec_blk_nums"],
+        num_exp: int = _PUBLISHED["num_exp"],
+        top_k: int = 1,
+        *,
+        k_used: int | None = None,
     ):
         super().__init__()
+        if k_used is not None:
+            warnings.warn("DeMoE(k_used=...) is now DeMoE(top_k=...)", DeprecationWarning, stacklevel=2)
+            top_k = k_used
         if len(enc_blk_nums) != len(dec_blk_nums):
             raise ValueError(
                 f"enc_blk_nums and dec_blk_nums must have the same length, "
                 f"got {list(enc_blk_nums)} and {list(dec_blk_nums)}"
             )
-        if not 1 <= k_used <= num_exp:
-            raise ValueError(f"k_used must be in 1..{num_exp} (num_exp), got {k_used}")
+        if not 1 <= top_k <= num_exp:
+            raise ValueError(f"top_k must be in 1..{num_exp} (num_exp), got {top_k}")
         self.config = dict(
             img_channel=int(img_channel),
             width=int(width),
@@ -247,7 +289,9 @@ class DeMoE(nn.Module):
             dec_blk_nums=[int(n) for n in dec_blk_nums],
             num_exp=int(num_exp),
         )
-        self.k_used = int(k_used)
+        self.top_k = int(top_k)
+        self.metadata: dict[str, Any] = {}
+        self.source: str | None = None
         self.img_channel = int(img_channel)
         self.num_exp = int(num_exp)
         levels = len(enc_blk_nums)
@@ -274,27 +318,21 @@ class DeMoE(nn.Module):
             self.experts.append(MoEBlock(ch, num_exp))
         self.ending = nn.Conv2d(width, img_channel, 3, padding=1)
 
-    # -- test-time local converter -----------------------------------------
-    def set_local_pooling(self, window: int | None) -> None:
-        """Channel attention over a local window instead of the whole input.
+    @property
+    def k_used(self) -> int:
+        """Deprecated name of :attr:`top_k`."""
+        warnings.warn("DeMoE.k_used is now DeMoE.top_k", DeprecationWarning, stacklevel=2)
+        return self.top_k
 
-        ``window`` is in input pixels (``deblur`` uses the training patch); each
-        level gets it divided by its downsampling factor. None restores the
-        published global pooling.
-        """
-        levels = len(self.encoders)
+    @k_used.setter
+    def k_used(self, value: int) -> None:
+        warnings.warn("DeMoE.k_used is now DeMoE.top_k", DeprecationWarning, stacklevel=2)
+        self.top_k = value
 
-        def assign(stage_blocks, factor):
-            for block in stage_blocks:
-                block.local_pool = None if window is None else max(1, round(window / factor))
-
-        for i, stage in enumerate(self.encoders):
-            assign(stage.modules_list, 2**i)
-        assign(self.middle_blks.modules_list, 2**levels)
-        assign(self.experts[0].experts, 2**levels)
-        for i, stage in enumerate(self.decoders):
-            assign(stage.modules_list, 2 ** (levels - 1 - i))
-            assign(self.experts[i + 1].experts, 2 ** (levels - 1 - i))
+    @property
+    def architecture(self) -> str | None:
+        """The name of this model's architecture in :data:`ARCHITECTURES`, or None."""
+        return architecture_name(self.config)
 
     # -- routing ----------------------------------------------------------
     def task_index(self, task: str | None) -> int | None:
@@ -304,8 +342,8 @@ class DeMoE(nn.Module):
         return task_index(task, TASKS[: self.num_exp], auto=True)
 
     def mixing_weights(self, probs: torch.Tensor) -> torch.Tensor:
-        """Keep the top ``k_used`` routing weights of every row, renormalised."""
-        top, idx = probs.topk(self.k_used, dim=1)
+        """Keep the top ``top_k`` routing weights of every row, renormalised."""
+        top, idx = probs.topk(self.top_k, dim=1)
         top = top / top.sum(dim=1, keepdim=True)
         return torch.zeros_like(probs).scatter(1, idx, top)
 
@@ -325,24 +363,32 @@ class DeMoE(nn.Module):
         pw = (-w) % self.padder_size
         return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _pools(self, window: int | None) -> list[int | None]:
+        """The pooling window of each level, 0 (full resolution) to L (the bottleneck): ``window``
+        input pixels divided by the level's downsampling factor; None everywhere for global pooling."""
+        if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):
+            raise ValueError(f"pool_window must be a window size in input pixels (> 0) or None, got {window!r}")
+        levels = len(self.encoders) + 1
+        return [None if window is None else max(1, round(window / 2**i)) for i in range(levels)]
+
+    def _encode(self, x: torch.Tensor, pools: list[int | None]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.intro(x)
         skips = []
-        for encoder, down in zip(self.encoders, self.downs):
-            x = encoder(x)
+        for encoder, down, pool in zip(self.encoders, self.downs, pools):
+            x = encoder(x, pool)
             skips.append(x)
             x = down(x)
         return x, skips
 
-    def route_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Router logits (N, num_exp) for an image batch."""
+    def route_logits(self, x: torch.Tensor, pool_window: int | None = None) -> torch.Tensor:
+        """Router logits (N, num_exp) for an image batch (``pool_window``: as in :meth:`forward`)."""
         self._check_input(x)
-        bottleneck, _ = self._encode(self._pad(x))
+        bottleneck, _ = self._encode(self._pad(x), self._pools(pool_window))
         return self.mlp_branch(bottleneck)
 
-    def route(self, x: torch.Tensor) -> torch.Tensor:
+    def route(self, x: torch.Tensor, pool_window: int | None = None) -> torch.Tensor:
         """Routing weights (N, num_exp): the softmax of the router's logits."""
-        return self.route_logits(x).softmax(dim=1)
+        return self.route_logits(x, pool_window).softmax(dim=1)
 
     # -- forward -------------------------------------------------------------
     def forward(
@@ -352,6 +398,7 @@ class DeMoE(nn.Module):
         weights: torch.Tensor | None = None,
         return_logits: bool = False,
         expert_slices: Sequence[tuple[int, int, int]] | None = None,
+        pool_window: int | None = None,
     ):
         """Restore a batch.
 
@@ -372,12 +419,21 @@ class DeMoE(nn.Module):
             ``expert``, and the slices cover the batch in order. The same as
             one-hot ``weights`` for those rows, without reading the weights back
             from the device (which stops a GPU's queue at every MoE block).
+        pool_window : int, optional
+            The test-time local converter (Chu et al., 2022): the channel
+            attention averages over a window of this many input pixels (each
+            level gets it divided by its downsampling factor) instead of the
+            whole input, so an input larger than the training patches sees the
+            statistics the network was trained on. None (default): the
+            published global pooling. An option of the call, not of the model:
+            concurrent calls on one model may use different windows.
         """
         self._check_input(x)
         forced = self.task_index(task)
         h, w = x.shape[-2:]
         inp = self._pad(x)
-        y, skips = self._encode(inp)
+        pools = self._pools(pool_window)
+        y, skips = self._encode(inp, pools)
 
         logits = None
         if weights is not None:
@@ -399,12 +455,14 @@ class DeMoE(nn.Module):
             if covered != list(range(x.shape[0])) or not all(0 <= e < self.num_exp for e, _, _ in expert_slices):
                 raise ValueError(f"expert_slices must cover rows 0..{x.shape[0] - 1} in order with experts "
                                  f"0..{self.num_exp - 1}, got {expert_slices}")
-        y = self.middle_blks(y)
-        y = self.experts[0](y, mix, expert_slices)
+        levels = len(self.decoders)
+        y = self.middle_blks(y, pools[levels])
+        y = self.experts[0](y, mix, expert_slices, pools[levels])
         for i, (up, decoder) in enumerate(zip(self.ups, self.decoders)):
             y = up(y) + skips[-1 - i]
-            y = decoder(y)
-            y = self.experts[i + 1](y, mix, expert_slices)
+            pool = pools[levels - 1 - i]
+            y = decoder(y, pool)
+            y = self.experts[i + 1](y, mix, expert_slices, pool)
         out = (self.ending(y) + inp)[..., :h, :w]
         if return_logits:
             return out, logits

@@ -2,6 +2,7 @@
 
 Knows nothing about the network: it takes a function from a batch of tiles
 ``(B, C, th, tw)`` to a batch of the same shape, and stitches its outputs.
+:func:`tile_reader` reads the tiles of a plane in memory.
 
 How it stays seam-free and small:
 
@@ -23,6 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._arrays import to_unit
+
+#: Largest tile value, in intensity ranges from the range (:func:`tile_reader`): beyond, float32
+#: arithmetic overflows in the network.
+INPUT_LIMIT = 1e20
+
 
 @dataclass(frozen=True)
 class Axis:
@@ -40,6 +47,16 @@ class Axis:
 
     def start(self, i: int) -> int:
         return -self.overlap + i * self.stride
+
+    def indices(self, first: int | None = None) -> list[np.ndarray]:
+        """Every tile's indices into the axis, reflected into range (the grid stitching and routing share).
+
+        The first tile starts at ``first``: by default ``-overlap``, the stitching
+        grid; 0 starts it at the image's edge.
+        """
+        first = -self.overlap if first is None else first
+        return [reflect_index(np.arange(first + i * self.stride, first + i * self.stride + self.tile), self.length)
+                for i in range(self.count)]
 
 
 def plan_axis(length: int, tile: int, overlap: int, multiple: int = 1) -> Axis:
@@ -148,12 +165,11 @@ def stitch(
     ax = plan_axis(width, tile, overlap, multiple)
     window = window_1d(ay)[:, None] * window_1d(ax)[None, :]  # raised cosine, partition of unity
     vwidth = ax.count * ax.stride + ax.overlap  # virtual columns [-overlap, vwidth - overlap)
-    cols = [reflect_index(np.arange(ax.start(j), ax.start(j) + ax.tile), width) for j in range(ax.count)]
+    cols = ax.indices()
 
     carry = None  # the last `overlap` rows of the previous band, already weighted
-    for i in range(ay.count):
+    for i, rows in enumerate(ay.indices()):
         y0 = ay.start(i)
-        rows = reflect_index(np.arange(y0, y0 + ay.tile), height)
         band = None
         for j0 in range(0, ax.count, batch_size):
             js = range(j0, min(j0 + batch_size, ax.count))
@@ -173,3 +189,41 @@ def stitch(
         if hi > lo:
             write(lo, hi, band[:, lo - y0 : hi - y0, ax.overlap : ax.overlap + width])
         carry = band[:, ay.stride :].copy() if ay.overlap else None
+
+
+# -- reading tiles of a plane ---------------------------------------------------------------
+def _as_slice(idx: np.ndarray) -> slice | None:
+    """``idx`` as a slice when it is a run of consecutive indices, else None."""
+    if idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return None
+
+
+def crop(plane: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``plane[rows][:, cols]``; interior tiles are sliced, only border tiles gather reflected indices."""
+    rs, cs = _as_slice(rows), _as_slice(cols)
+    if rs is not None:
+        return plane[rs, cs] if cs is not None else plane[rs][:, cols]
+    if cs is not None:
+        return plane[:, cs][rows]
+    return plane[rows[:, None], cols[None, :]]
+
+
+def tile_reader(plane: np.ndarray, channels: list[int], lo: float, hi: float, repeat: int = 1):
+    """``read(rows, cols)`` for :func:`stitch`: the ``(C, h, w)`` float32 tile of an ``(H, W, C)`` plane.
+
+    ``channels`` are taken in that order, intensities ``lo`` .. ``hi`` put at
+    0 .. 1, tile by tile (never the whole plane at once), and each channel is
+    repeated ``repeat`` times (gray for a colour network). ValueError for a
+    tile with values beyond :data:`INPUT_LIMIT`.
+    """
+    def read(rows, cols):
+        t = to_unit(crop(plane, rows, cols)[..., channels], lo, hi)
+        if not np.abs(t).max() <= INPUT_LIMIT:  # inf once in float32, and NaN all over the tile after the network
+            raise ValueError(f"some pixels lie over {INPUT_LIMIT:g} times the intensity range ({lo:g} to "
+                             f"{hi:g}) away from it, too far for the network's float32 arithmetic; clip them "
+                             "first (np.clip), or mark them as holes (NaN with nan_policy='keep', or a numpy.ma mask)")
+        t = t.transpose(2, 0, 1)
+        return np.repeat(t, repeat, axis=0) if repeat > 1 else t
+
+    return read

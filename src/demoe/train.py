@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import (RUN_WEIGHTS, checkpoint_file, default_weights_path, model_from_state_dict, read_checkpoint,
-                         resolve_device, save_model)
-from .model import TASKS, DeMoE
+from .checkpoint import RUN_WEIGHTS, checkpoint_file, default_weights_path, model_from_state_dict, read_checkpoint, save_model
+from .devices import resolve_device
+from .model import ARCHITECTURES, TASKS, DeMoE
 from .tasks import task_index
 
 
@@ -48,14 +48,17 @@ ARCH, DATA, OPTIM, BOOK = ("architecture (ignored when fine-tuning from --init)"
                            "checkpoints, logging and time")
 
 
+_COMPACT = ARCHITECTURES["compact"]  # the architecture trained by default
+
+
 @dataclass
 class TrainConfig:
-    width: int = _opt(16, "channels at full resolution", ARCH)
-    enc_blk_nums: list[int] = _opt([1, 1, 2, 4], "NAF blocks per encoder level (one level per number)", ARCH,
-                                   "N")
-    middle_blk_num: int = _opt(2, "NAF blocks at the bottleneck", ARCH)
-    dec_blk_nums: list[int] = _opt([1, 1, 1, 1], "NAF blocks per decoder level", ARCH, "N")
-    num_exp: int = _opt(5, "experts per MoE block (one per blur type)", ARCH)
+    width: int = _opt(_COMPACT["width"], "channels at full resolution", ARCH)
+    enc_blk_nums: list[int] = _opt(list(_COMPACT["enc_blk_nums"]), "NAF blocks per encoder level (one level per "
+                                   "number)", ARCH, "N")
+    middle_blk_num: int = _opt(_COMPACT["middle_blk_num"], "NAF blocks at the bottleneck", ARCH)
+    dec_blk_nums: list[int] = _opt(list(_COMPACT["dec_blk_nums"]), "NAF blocks per decoder level", ARCH, "N")
+    num_exp: int = _opt(_COMPACT["num_exp"], "experts per MoE block (one per blur type)", ARCH)
     top_k: int = _opt(1, "experts run per image at inference", ARCH)
     init: str | None = _opt(None, "checkpoint to fine-tune from: a published .pt/.pth, a .safetensors, a run "
                             "folder, or 'packaged' for the weights that ship with demoe", ARCH, "FILE")
@@ -227,7 +230,8 @@ def build_model(cfg: TrainConfig) -> tuple[DeMoE, dict]:
     if cfg.init:
         state_dict, metadata = read_checkpoint(init_path(cfg.init))
         return model_from_state_dict(state_dict, top_k=cfg.top_k, metadata={}, origin=cfg.init), metadata
-    return DeMoE(3, cfg.width, cfg.middle_blk_num, cfg.enc_blk_nums, cfg.dec_blk_nums, cfg.num_exp, cfg.top_k), {}
+    return DeMoE(_COMPACT["img_channel"], cfg.width, cfg.middle_blk_num, cfg.enc_blk_nums, cfg.dec_blk_nums,
+                 cfg.num_exp, cfg.top_k), {}
 
 
 def build_data(cfg: TrainConfig):

@@ -15,7 +15,6 @@ import sys
 import threading
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 from magicgui.widgets import (
@@ -55,17 +54,22 @@ class DeblurSettings:
     keep_mean: bool = False  # keep every plane's mean even where low light is detected
 
 
-_models: dict[tuple[str | None, str | None], Any] = {}
-
-
 def get_model(checkpoint: str | None, device: str | None):
-    """Load (once) the packaged default or a checkpoint, on ``device``."""
-    import demoe
+    """The packaged default or a checkpoint on ``device``: the model ``demoe`` keeps loaded for the process
+    (:func:`demoe.checkpoint.cached_model`, which ``deblur()``'s default and scripts share)."""
+    from demoe.checkpoint import cached_model
 
-    key = (checkpoint, device)
-    if key not in _models:
-        _models[key] = demoe.load_model(checkpoint or None, device=device)
-    return _models[key]
+    return cached_model(checkpoint or None, device)
+
+
+def _model_loaded(settings: DeblurSettings) -> bool:
+    """Whether the model ``settings`` ask for is loaded; asked without importing torch (not imported: not loaded)."""
+    checkpoint = sys.modules.get("demoe.checkpoint")
+    try:
+        return checkpoint is not None and checkpoint.cached_model(settings.checkpoint or None, settings.device,
+                                                                  load=False) is not None
+    except (ValueError, OSError):  # a device or file it cannot have: the worker says what is wrong
+        return False
 
 
 def deblur_layer_data(data, *, rgb: bool, settings: DeblurSettings, progress=None):
@@ -86,7 +90,7 @@ def deblur_layer_data(data, *, rgb: bool, settings: DeblurSettings, progress=Non
                              "now' or untick Keep mean intensity")
         data = np.asarray(data)
     model = get_model(settings.checkpoint, settings.device)
-    out, info = demoe.deblur(data, task=None if settings.task == "auto" else settings.task, model=model,
+    out, info = demoe.deblur(data, task=settings.task, model=model,
                              channel_axis=-1 if rgb else None, tile_size=settings.tile_size,
                              overlap=settings.overlap, device=settings.device,
                              progress=None if _is_lazy(data) else progress,  # lazy: counted when computed
@@ -95,7 +99,7 @@ def deblur_layer_data(data, *, rgb: bool, settings: DeblurSettings, progress=Non
                              nan_policy="keep", return_info=True)  # NaN (masked) pixels come back as they were
     if settings.compute and hasattr(out, "compute"):
         out = _compute_with_progress(out, progress)
-    info["model"] = getattr(model, "source", "packaged default")
+    info["model"] = model.source or "packaged default"
     return out, info
 
 
@@ -367,7 +371,7 @@ class DeblurWidget(Container):
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.progress.max, self.progress.value = 1, 0
-        self.status.value = "Loading the model…" if not _models else "Deblurring…"
+        self.status.value = "Deblurring…" if _model_loaded(settings) else "Loading the model…"
         self.worker.start()
 
     def cancel(self, *_):
