@@ -173,6 +173,10 @@ class TrainConfig:
                     raise FileNotFoundError(f"--pairs {spec!r}: folder {Path(folder) / sub} not found")
 
 
+class TrainingDataError(ValueError):
+    """The training images cannot make batches (none readable, none large enough...)."""
+
+
 def _with_task(spec: str, option: str, form: str) -> tuple[str, str]:
     """``(path, task)`` of a ``PATH:TASK`` option value, or one clear error."""
     path, _, task = spec.rpartition(":")
@@ -399,7 +403,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         ema_pairs = ([ema[n] for n in trained], [p.detach() for p in trained.values()])
     # A resumed run draws fresh (but still seeded) data: the seed includes the step.
     data_cfg = dataclasses.replace(cfg, seed=cfg.seed * 1_000_003 + step)
-    it, n_photos, slices = training_batches(data_cfg, device)
+    try:
+        it, n_photos, slices = training_batches(data_cfg, device)
+    except (ValueError, OSError) as err:  # the photographs themselves: as much the user's input as an option
+        raise TrainingDataError(str(err)) from err
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -627,6 +634,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     try:
         path = train(cfg, progress=not args.no_progress and sys.stderr.isatty())  # a log gets plain lines
+    except TrainingDataError as err:
+        print(f"demoe train: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # train() saved last.pt and said how to resume
         return 130
     print(f"wrote {path}")
