@@ -161,3 +161,33 @@ def test_low_light_is_dark_and_noisy_and_moving_objects_leave_background_sharp(p
     moved = g.local_motion(x)
     unchanged = ((moved - x).abs().amax(1) < 1e-4).float().mean()
     assert 0.2 < float(unchanged) < 0.97  # objects blurred, the rest of the scene as it was
+
+
+def test_crops_are_windows_of_one_photo_of_mixed_sizes_and_orientations():
+    """The flat photo bank: every crop is a window of one photograph, turned, whatever the photos' shapes."""
+    import warnings
+
+    def coded(h, w, k):  # red: row, green: column, blue: which photograph
+        y, x = np.mgrid[:h, :w]
+        return np.stack([y % 256, x % 256, np.full_like(y, k)], axis=-1).astype(np.uint8)
+
+    shapes = [(100, 150), (170, 90), (81, 81)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all three are large enough for a 16 px patch and its margins
+        stream = DeviceBatches([coded(h, w, k) for k, (h, w) in enumerate(shapes)], patch=16, batch=5,
+                               photo_fraction=1.0, seed=3)
+    assert stream.bank.numel() == sum(3 * h * w for h, w in shapes)  # no padding
+    crops = np.rint(stream._crops(64).numpy() * 255).astype(int)
+    seen = set()
+    for c in crops:
+        k = int(c[2, 0, 0])
+        assert (c[2] == k).all()
+        rows, cols = (c[0], c[1]) if (c[0][:, :1] == c[0]).all() else (c[1], c[0])  # transposed or not
+        assert (rows == rows[:, :1]).all() and (cols == cols[:1, :]).all()
+        for line in (rows[:, 0], cols[0, :]):
+            step = np.diff(line)
+            assert (step == step[0]).all() and abs(step[0]) == 1  # consecutive, maybe flipped
+        h, w = shapes[k]
+        assert c[0].max() < h and c[1].max() < w  # red is the photo's row, green its column, turned or not
+        seen.add(k)
+    assert seen == {0, 1, 2}

@@ -4,8 +4,10 @@ The five generators of :mod:`demoe.degrade`, with the same parameter ranges and
 the same noise, JPEG and saturation options, written for a batch of crops at
 once so that a GPU makes its own training data. :class:`DeviceBatches` keeps
 the sharp photographs resident in device memory (uint8) and, every step, cuts,
-turns and degrades a batch there: no worker processes, no host-to-device
-copies, no DataLoader for the network to wait on.
+turns and degrades a batch there: no worker processes, no copies of images
+from the host, no DataLoader for the network to wait on. (Each batch still
+waits for the device twice, briefly: ``nonzero()`` finds the rows that get
+saturation and JPEG, so that only those are computed.)
 
 Where it differs from the numpy generators, by design:
 
@@ -21,7 +23,10 @@ Where it differs from the numpy generators, by design:
   libjpeg's quality-scaled tables, rounding) rather than run through it.
 
 Every random number comes from one seeded ``torch.Generator`` on the device,
-so a stream is reproducible on one device and kind of hardware.
+so a stream is reproducible on the CPU. On CUDA the random numbers repeat too,
+but the camera-shake and linear-motion kernels are rasterised with
+``scatter_add_`` (atomic additions, in no fixed order), so their values and the
+batches made with them may differ in the last bits from run to run.
 """
 
 from __future__ import annotations
@@ -391,7 +396,7 @@ class DeviceBatches:
             side = max(2 * self.crop, 256)
             photos += [_as_uint8(dead_leaves(side, rng)) for _ in range(max(int(leaves), 1))]
         self.n_leaves = len(photos) - self.n_photos
-        self.bank, self.sizes = _pack(photos, self.device)
+        self.bank, self.offsets, self.sizes = _pack(photos, self.device)
         self.generators = BatchGenerators(self.draw, int(bank), int(refresh))
         # Equal shares of the tasks, grouped so that each expert sees one slice of the batch.
         order = sorted(self.labels[i % len(self.labels)] for i in range(self.batch))
@@ -431,8 +436,11 @@ class DeviceBatches:
         h, w = self.sizes[idx, 0], self.sizes[idx, 1]
         y0, x0 = d.integers(0, h - size + 1, n), d.integers(0, w - size + 1, n)
         ar = torch.arange(size, device=self.device)
-        rows, cols = (y0.view(n, 1) + ar).view(n, size, 1), (x0.view(n, 1) + ar).view(n, 1, size)
-        crops = self.bank[idx.view(n, 1, 1), :, rows, cols].permute(0, 3, 1, 2).float() / 255
+        # Positions in the flat bank: the image's offset, its row y0 + r (w values each), column x0 + c.
+        first = (self.offsets[idx] + y0 * w + x0).view(n, 1, 1)
+        at = first + ar.view(1, size, 1) * w.view(n, 1, 1) + ar.view(1, 1, size)
+        plane = (h * w).view(n, 1, 1)
+        crops = torch.stack([self.bank[at + c * plane] for c in range(3)], dim=1).float() / 255
         crops = torch.where(d.chance(0.5, n).view(n, 1, 1, 1), crops.transpose(2, 3), crops)
         crops = torch.where(d.chance(0.5, n).view(n, 1, 1, 1), crops.flip(2), crops)
         return torch.where(d.chance(0.5, n).view(n, 1, 1, 1), crops.flip(3), crops)
@@ -447,12 +455,15 @@ def _as_uint8(image: np.ndarray) -> np.ndarray:
     return image[..., :3]
 
 
-def _pack(images: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images of any sizes in one zero-padded uint8 tensor ``(N, 3, H, W)``, and their sizes ``(N, 2)``."""
-    hmax = max(im.shape[0] for im in images)
-    wmax = max(im.shape[1] for im in images)
-    bank = torch.zeros(len(images), 3, hmax, wmax, dtype=torch.uint8, device=device)
-    for i, im in enumerate(images):
-        bank[i, :, : im.shape[0], : im.shape[1]] = torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))
+def _pack(images: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images of any sizes, one after another in a flat uint8 tensor (each ``(3, H, W)``, planar).
+
+    Returns the bank, each image's offset into it ``(N,)`` and its size ``(N, 2)``:
+    no padding, so a set of mixed sizes and orientations takes only its own pixels.
+    """
+    flat = [torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))).reshape(-1) for im in images]
+    bank = torch.cat(flat).to(device)
+    lengths = torch.tensor([0] + [t.numel() for t in flat[:-1]])
+    offsets = torch.cumsum(lengths, 0).to(device)
     sizes = torch.tensor([im.shape[:2] for im in images], device=device)
-    return bank, sizes
+    return bank, offsets, sizes
