@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -54,8 +55,34 @@ def measure(model, device=None, limit: int | None = None) -> dict:
     }
 
 
+def _figures(result: dict) -> list[float]:
+    """Every number in a :func:`measure` result."""
+    values = []
+    for v in result.values():
+        values += list(v.values()) if isinstance(v, dict) else [v]
+    return values
+
+
+def json_safe(obj):
+    """``obj`` with NaN and infinities as null: JSON has no such numbers."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def verdict(old: dict, new: dict) -> tuple[bool, str]:
-    """The acceptance rule on two :func:`measure` results: (accepted, one line saying why)."""
+    """The acceptance rule on two :func:`measure` results: (accepted, one line saying why).
+
+    Weights whose figures are not all finite numbers (NaN from diverged training) are rejected.
+    """
+    broken = [name for name, result in (("old", old), ("new", new))
+              if not all(math.isfinite(v) for v in _figures(result))]
+    if broken:
+        return False, f"REJECT: the {' and '.join(broken)} weights give figures that are not finite numbers (NaN)"
     ood_change = round(new["ood_mean_gain"] - old["ood_mean_gain"], _ROUND)
     drops = {t: round(old["id_psnr"][t] - new["id_psnr"][t], _ROUND) for t in old["id_psnr"]}
     reasons = []
@@ -114,9 +141,9 @@ def main(argv=None):
     print(f"\n{why}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**figures, "accept": accepted, "verdict": why,
-                                               "old_weights": models["old"].source, "new_weights": models["new"].source,
-                                               "device": args.device, "limit": args.limit}, indent=1) + "\n")
+        result = {**figures, "accept": accepted, "verdict": why, "old_weights": models["old"].source,
+                  "new_weights": models["new"].source, "device": args.device, "limit": args.limit}
+        Path(args.json).write_text(json.dumps(json_safe(result), indent=1, allow_nan=False) + "\n")
     return 0
 
 

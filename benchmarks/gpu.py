@@ -22,6 +22,7 @@ import argparse
 import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -97,6 +98,7 @@ def main(argv=None):
         "published size (width 32, enc 1-1-1-28)": demoe.DeMoE().to(device).eval(),
     }
     img = image(args.mp)
+    out = args.out or ("docs/benchmarks/gpu.md" if device.type == "cuda" else None)
     t0 = time.perf_counter()
     lines = [
         "# GPU speed",
@@ -118,9 +120,12 @@ def main(argv=None):
             row = f"| {name} | {precision} | {speed} | {side} x {side} |"
             lines.append(row)
             print(row, flush=True)
+            if out:  # every row as soon as it is measured: a lease may end before the table does
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
+                Path(out).write_text("\n".join([*lines, "", "(unfinished: the run stopped here)"]) + "\n")
     lines.append("")
     lines.append(f"Total {(time.perf_counter() - t0) / 60:.1f} min.")
-    save_report(lines, args.out or ("docs/benchmarks/gpu.md" if device.type == "cuda" else None))
+    save_report(lines, out)
     return 0
 
 

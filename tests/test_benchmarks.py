@@ -110,6 +110,9 @@ def _figures(ood_gain, **id_psnr):
     (_figures(1.5, low_light=24.89), False, "more than 0.1 dB: low_light -0.110 dB"),
     (_figures(0.5, local_motion=20.0), False, "changes by +0.000 dB (needs >= +0.1); in-distribution"),
     (_figures(0.7, defocus=30.0, global_motion=24.95), True, "ACCEPT"),  # gains elsewhere do not matter
+    (_figures(float("nan")), False, "new weights give figures that are not finite"),  # diverged training
+    (_figures(0.7, defocus=float("nan")), False, "not finite numbers"),
+    (_figures(float("inf")), False, "not finite numbers"),
 ])
 def test_verdict_boundaries(new, accepted, says):
     ok, why = compare_weights.verdict(_figures(0.5), new)
@@ -148,3 +151,10 @@ def test_a_missing_gpu_is_one_clear_error(capsys):
         ood.main(["--device", "cuda", "--limit", "1"])
     err = capsys.readouterr().err
     assert "device 'cuda' is not available on this machine" in err and "cpu" in err
+
+
+def test_comparison_json_has_no_nan():
+    """A diverged model's figures are written as null: JSON readers refuse NaN."""
+    figures = {"old": _figures(0.5), "new": _figures(float("nan"), defocus=float("-inf"))}
+    text = json.dumps(compare_weights.json_safe(figures), allow_nan=False)
+    assert json.loads(text)["new"]["ood_mean_gain"] is None and json.loads(text)["new"]["id_psnr"]["defocus"] is None
