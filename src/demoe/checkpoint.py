@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import sys
 import threading
 from importlib import resources
 from pathlib import Path
@@ -112,6 +113,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 state_dict = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+        if _SHARD_KEY in header:
+            raise CheckpointError(f"{path} is part {header[_SHARD_KEY]} of split weights: join all the parts first "
+                                  "(python -m demoe.checkpoint join PART... -o FILE)")
         metadata = {k: _decode(v) for k, v in header.items() if k != "format"}
         return _strip_prefix(state_dict), metadata
 
@@ -360,21 +364,56 @@ def _umask() -> int:
 
 # -- shards: weights in pieces small enough to travel -------------------------------------
 _SHARD_KEY = "shard"
+_WHOLE_KEY = "shard_of"  # the SHA-256 of the whole file's tensors, in every shard
 
 
-def split_weights(path: str | Path, folder: str | Path, max_bytes: int = 15 * 2**20) -> list[Path]:
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and bytes, in name order), whatever file they sit in."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 - no dict
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+def _free(dest: Path, overwrite: bool, inputs: list[Path] = ()) -> None:
+    """Refuse to write over an input, or over an existing file unless ``overwrite``."""
+    if dest.exists() and any(dest.resolve() == p.resolve() for p in inputs):
+        raise FileExistsError(f"{dest} is one of the inputs: choose another output file")
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} exists: remove it, choose another name, or pass --overwrite")
+
+
+def split_weights(path: str | Path, folder: str | Path, max_bytes: int = 15 * 2**20,
+                  overwrite: bool = False) -> list[Path]:
     """Cut a safetensors file into shards of at most ``max_bytes`` of tensor data.
 
     Each shard ``NAME-partKofN.safetensors`` holds whole tensors and the full
-    header, plus ``shard: "K/N"``; :func:`join_weights` puts them back together
-    bit for bit. (A GPU round's results come back in files of limited size.)
+    header, plus ``shard: "K/N"`` and the digest of the whole file's tensors;
+    :func:`join_weights` puts them back together bit for bit and checks the digest.
+    (A GPU round's results come back in files of limited size.)
     """
-    from safetensors import safe_open
-
     path, folder = Path(path), Path(folder)
-    with safe_open(str(path), framework="pt") as f:
-        header = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
+    if not max_bytes > 0:
+        raise ValueError(f"the largest shard must be above 0 bytes, got {max_bytes}")
+    tensors, header = _read_safetensors(path)
+    if _SHARD_KEY in header:
+        raise CheckpointError(f"{path} is already shard {header[_SHARD_KEY]} of a split file")
     groups: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -386,57 +425,68 @@ def split_weights(path: str | Path, folder: str | Path, max_bytes: int = 15 * 2*
             size = 0
         groups[-1][name] = t
         size += nbytes
+    dests = [folder / f"{path.stem}-part{k}of{len(groups)}.safetensors" for k in range(1, len(groups) + 1)]
+    for dest in dests:
+        _free(dest, overwrite, [path])
+    header[_WHOLE_KEY] = tensors_digest(tensors)
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for k, group in enumerate(groups, 1):
-        dest = folder / f"{path.stem}-part{k}of{len(groups)}.safetensors"
-        written.append(_write_safetensors(group, dest, {**header, _SHARD_KEY: f"{k}/{len(groups)}"}))
-    return written
+    return [_write_safetensors(group, dest, {**header, _SHARD_KEY: f"{k}/{len(groups)}"})
+            for k, (group, dest) in enumerate(zip(groups, dests), 1)]
 
 
-def join_weights(shards: list[str | Path], dest: str | Path) -> Path:
+def join_weights(shards: list[str | Path], dest: str | Path, overwrite: bool = False) -> Path:
     """Join the shards of :func:`split_weights` into one safetensors file (all of them, any order)."""
-    from safetensors import safe_open
-
+    shards, dest = [Path(s) for s in shards], Path(dest)
+    _free(dest, overwrite, shards)
     tensors: dict[str, torch.Tensor] = {}
     headers, parts = [], set()
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            header = dict(f.metadata() or {})
-            for k in f.keys():  # noqa: SIM118 - safe_open is no dict
-                tensors[k] = f.get_tensor(k)
+        part_tensors, header = _read_safetensors(shard)
+        tensors.update(part_tensors)
         part, _, total = header.pop(_SHARD_KEY, "").partition("/")
         if not part.isdigit() or not total.isdigit():
             raise CheckpointError(f"{shard}: not a shard written by split_weights (no '{_SHARD_KEY}' entry)")
         parts.add((int(part), int(total)))
         headers.append(header)
     totals = {t for _, t in parts}
-    if len(totals) != 1 or {p for p, _ in parts} != set(range(1, next(iter(totals)) + 1)):
-        raise CheckpointError(f"shards do not make one whole: got parts {sorted(parts)}")
+    if len(totals) != 1 or {p for p, _ in parts} != set(range(1, next(iter(totals)) + 1)) or len(parts) < len(shards):
+        raise CheckpointError(f"shards do not make one whole: got parts {sorted(parts)} from {len(shards)} files")
     if any(h != headers[0] for h in headers):
         raise CheckpointError("shards come from different files: their headers differ")
-    return _write_safetensors(tensors, Path(dest), headers[0])
+    header = headers[0]
+    whole = header.pop(_WHOLE_KEY, None)
+    if whole is not None and tensors_digest(tensors) != whole:
+        raise CheckpointError("the joined tensors do not match the digest the shards carry: the shards come from "
+                              "different files or one is damaged")
+    return _write_safetensors(tensors, dest, header)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m demoe.checkpoint split FILE FOLDER [--max-mib M]`` / ``join SHARD... -o FILE``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m demoe.checkpoint", description="Split or join weights files.")
+    prog = "python -m demoe.checkpoint"
+    parser = argparse.ArgumentParser(prog=prog, description="Split or join weights files.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("split", help="cut a .safetensors file into shards")
     s.add_argument("file")
     s.add_argument("folder")
     s.add_argument("--max-mib", type=float, default=15.0, help="largest shard, MiB of tensor data (default 15)")
+    s.add_argument("--overwrite", action="store_true", help="replace shards of the same names in FOLDER")
     j = sub.add_parser("join", help="join shards into one .safetensors file")
     j.add_argument("shards", nargs="+")
     j.add_argument("-o", "--out", required=True)
+    j.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
-    if args.command == "split":
-        for p in split_weights(args.file, args.folder, int(args.max_mib * 2**20)):
-            print(p)
-    else:
-        print(join_weights(args.shards, args.out))
+    try:
+        if args.command == "split":
+            for p in split_weights(args.file, args.folder, int(args.max_mib * 2**20), args.overwrite):
+                print(p)
+        else:
+            print(join_weights(args.shards, args.out, args.overwrite))
+    except (CheckpointError, ValueError, OSError) as err:
+        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -323,8 +323,9 @@ def _licence_lines(meta: dict) -> list[str]:
     lines = [f"licence: {meta['license']}"] if meta.get("license") else []
     data = meta.get("training_data")
     if isinstance(data, dict):
-        sources = [f"{p['images']} from {p['package']} {p['version']} ({p['license']})"
-                   for p in data.get("photographs", [])]
+        photos = data.get("photographs")  # a header may hold anything: what is not as written here is left out
+        sources = [f"{p.get('images', '?')} from {p.get('package', '?')} {p.get('version', '')} ({p.get('license', '?')})"
+                   for p in (photos if isinstance(photos, list) else []) if isinstance(p, dict)]
         lines += textwrap.wrap("trained on photographs: " + "; ".join(sources) + f"; {data.get('generated', '')}",
                                width=100, subsequent_indent="  ")
     if meta.get("license_note"):
