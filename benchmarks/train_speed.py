@@ -84,13 +84,21 @@ def main(argv=None) -> int:
     parser.add_argument("--pick", action="store_true", help="end with the fastest options for demoe train")
     parser.add_argument("--out", default=None, help="also write the report here (Markdown)")
     args = parser.parse_args(argv)
-
-    device = resolve_device(args.device)
+    for name in ("patch", "batch", "steps", "workers", "width"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "workers" else 1):
+            parser.error(f"--{name} must be at least {0 if name == 'workers' else 1}, got {value}")
+    if args.patch % 16:
+        parser.error(f"--patch must be a multiple of 16 (the on-device data's), got {args.patch}")
+    try:
+        device = resolve_device(args.device)
+        photos = load_photos(args.photos) if args.photos else []
+    except (ValueError, OSError) as err:  # a device this machine lacks, photographs that are not there
+        parser.error(str(err))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     t0 = time.perf_counter()
-    photos = load_photos(args.photos) if args.photos else []
     stream = DeviceBatches(photos, args.patch, args.batch, device=device, photo_fraction=0.9 if photos else 0.0)
     per128 = (args.patch / 128) ** 2
     rows = []

@@ -1,4 +1,4 @@
-"""The scripts that judge weights: benchmarks/ood.py and benchmarks/compare_weights.py (tiny models, few images)."""
+"""The scripts that judge weights and rounds: benchmarks/ood.py, compare_weights.py, train_speed.py (tiny models)."""
 
 import json
 import sys
@@ -13,6 +13,7 @@ if str(BENCHMARKS) not in sys.path:  # the scripts import each other as top-leve
 
 import compare_weights  # noqa: E402
 import ood  # noqa: E402
+import train_speed  # noqa: E402
 
 from conftest import randomize  # noqa: E402
 from demoe import TASKS, save_model  # noqa: E402
@@ -126,6 +127,10 @@ def test_verdict_boundaries(new, accepted, says):
     (ood, ["--device", "tpu9"], "unknown device"),
     (compare_weights, [], "the following arguments are required: --new"),
     (compare_weights, ["--new", "/no/such/weights.safetensors"], "checkpoint not found"),
+    (train_speed, ["--photos", "/no/such/folder"], "image folder not found: /no/such/folder"),
+    (train_speed, ["--patch", "40"], "--patch must be a multiple of 16"),
+    (train_speed, ["--batch", "0"], "--batch must be at least 1, got 0"),
+    (train_speed, ["--device", "tpu9"], "unknown device"),
 ])
 def test_bad_arguments_get_one_clear_error(script, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -254,3 +254,10 @@ def test_read_rgb_reads_through_the_one_image_reader(tmp_path):
     with pytest.raises(ValueError,
                        match="f.tif: a training picture must be 8- or 16-bit gray, RGB or RGBA; got float32"):
         read_rgb(tmp_path / "f.tif")
+
+
+def test_unreadable_sources_are_named_in_a_warning(photos, tmp_path):
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but no picture")
+    with pytest.warns(RuntimeWarning, match=r"left out 1 images that cannot be read: .*broken\.png"):
+        written = prepare_photos([photos], tmp_path / "out", short_side=640, min_size=256)
+    assert names(r.path for r in written) == ["a_big.png", "a_small.png", "b.png"]  # the others still prepared

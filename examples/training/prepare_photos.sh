@@ -21,7 +21,7 @@
 # Environment: WORK (default data), DEBS (default $WORK/debs), BUDGET_MIB (default 36),
 # LICENCES (a regular expression: only photographs under a matching licence, e.g.
 # '^(public-domain|CC0-1\.0|CC-BY-[0-9.]+|Apache-2\.0 AND BSD-3-Clause)$' for the permissive
-# ones, about 240; docs/training-data.md lists them all).
+# ones, 215 of the 445; docs/training-data.md lists them all).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 work=${WORK:-data}

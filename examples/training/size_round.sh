@@ -7,26 +7,41 @@
 #
 #   bash examples/training/size_round.sh OUT [more demoe train options]
 #
-# OUT receives size.log and, per width W, ood-W.md and ood-W.json.
+# OUT receives size.log and, per width W, ood-W.md, ood-W.json and the trained weights as
+# width-W/model-partKofN.safetensors (python -m demoe.checkpoint join ... -o FILE).
+# Environment: as gpu_round.sh (ROUND_PHOTOS, ROUND_PATCH and ROUND_BATCH, required without
+# CUDA, ROUND_MINUTES, ROUND_SEED, ROUND_QUICK=1 for one image per OOD family, PYTHON), and
+# SIZE_RUNS (the run folders' parent, default runs).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-out=${1:?usage: size_round.sh OUT [demoe train options]}
+absolute() { case $1 in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
+fail() { echo "size_round.sh: $*" >&2; exit 2; }
+out=$(absolute "${1:?usage: size_round.sh OUT [demoe train options]}")
 shift
+photos=${ROUND_PHOTOS:+$(absolute "$ROUND_PHOTOS")}
+runs=${SIZE_RUNS:+$(absolute "$SIZE_RUNS")}
+cd "$(dirname "$0")/../.."
+photos=${photos:-$PWD/data/round/photos}
+runs=${runs:-$PWD/runs}
 py=${PYTHON:-python3}
-photos=${ROUND_PHOTOS:-data/round/photos}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if [ "$( { find "$photos" -maxdepth 1 -type f 2>/dev/null || true; } | wc -l)" -lt 1 ]; then
-  echo "size_round.sh: no photographs in $photos: run examples/training/prepare_photos.sh first" >&2
-  exit 2
+n=$( { find "$photos" -type f \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '*.png' -o -iname '*.tif' \
+  -o -iname '*.tiff' -o -iname '*.bmp' -o -iname '*.webp' \) 2>/dev/null || true; } | wc -l)
+[ "$n" -ge 1 ] || fail "no photographs in $photos: run examples/training/prepare_photos.sh first"
+if [ "$($py -c 'import torch; print(int(torch.cuda.is_available()))')" != 1 ] \
+  && { [ -z "${ROUND_PATCH:-}" ] || [ -z "${ROUND_BATCH:-}" ]; }; then
+  fail "no CUDA device: the round's batches (120 patches of 192 px) need a large GPU; to try it here, set" \
+    "ROUND_PATCH and ROUND_BATCH (e.g. 32 and 5)"
 fi
 mkdir -p "$out"
 for w in ${SIZE_WIDTHS:-16 24}; do
-  run=runs/size-$w
+  run=$runs/size-$w
   rm -rf "$run"
   # From scratch: the recipe of the first GPU stage (lr 1e-3, router weight 0.1, no EMA).
   $py -m demoe train --config examples/training/gpu_round.toml --photos "$photos" --width "$w" \
+    --patch "${ROUND_PATCH:-192}" --batch "${ROUND_BATCH:-120}" \
     --lr 1e-3 --warmup 200 --router-weight 0.1 --ema 0 --time-limit "${ROUND_MINUTES:-3.5}" \
     --seed "${ROUND_SEED:-1}" --out "$run" --no-progress "$@" 2>&1 | tee -a "$out/size.log"
+  $py -m demoe.checkpoint split "$run/model.safetensors" "$out/width-$w" --max-mib 15 | tee -a "$out/size.log"
   $py benchmarks/ood.py --model "$run/model.safetensors" --device auto --out "$out/ood-$w.md" \
-    --json "$out/ood-$w.json" ${ROUND_QUICK:+--quick} 2>&1 | tee -a "$out/size.log"
+    --json "$out/ood-$w.json" ${ROUND_QUICK:+--limit 1} 2>&1 | tee -a "$out/size.log"
 done

@@ -288,10 +288,13 @@ def load_photos(folders: Sequence[str | Path], max_side: int | None = None) -> l
 
     An unreadable file (corrupt, truncated, not a picture) is left out with a
     warning naming it: one bad file should not end a training run. If none can
-    be read, that is a ValueError.
+    be read, or the folders hold no images at all, that is a ValueError.
     """
     photos, bad = [], []
     paths = list_images(folders)
+    if folders and not paths:
+        raise ValueError(f"no images in {', '.join(map(str, folders))} (accepted: "
+                         f"{', '.join(sorted(IMAGE_SUFFIXES))})")
     for path in paths:
         try:
             img = read_rgb(path)
@@ -400,12 +403,14 @@ def prepare_photos(sources: Sequence[str | Path], out: str | Path, *, short_side
     ext, params = (".png", []) if quality is None else (".jpg", [
         cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
     kept: dict[Path, tuple[Prepared, np.ndarray, int]] = {}  # written file -> (record, thumbnail, source pixels)
+    unreadable = []
     for path in list_images(sources):
         if (rx and rx.search(str(path))) or out.resolve() in path.resolve().parents:  # not our own outputs
             continue
         try:
             img = decode_opencv(path, cv2.IMREAD_COLOR)[0]
-        except ValueError:
+        except (ValueError, OSError) as err:
+            unreadable.append(f"{path} ({err})")
             continue
         small = shrink(img, short_side, min_downscale, max_aspect)
         if min(small.shape[:2]) < min_size:
@@ -431,6 +436,11 @@ def prepare_photos(sources: Sequence[str | Path], out: str | Path, *, short_side
             raise OSError(f"could not encode {dest}")
         dest.write_bytes(buf.tobytes())
         kept[dest] = (Prepared(dest, path, duplicates), thumb, pixels)
+    if unreadable:
+        import warnings
+
+        shown = "; ".join(unreadable[:5]) + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        warnings.warn(f"left out {len(unreadable)} images that cannot be read: {shown}", RuntimeWarning, stacklevel=2)
     return [record for record, _, _ in kept.values()]
 
 

@@ -134,6 +134,19 @@ class TrainConfig:
         for name in ("width", "num_exp", "patch", "batch", "steps", "ckpt_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.batch < 2:
+            raise ValueError(f"batch must be at least 2 (batch normalisation in the router needs two patches), "
+                             f"got {self.batch}")
+        if self.device_data and self.batch < len(TASKS):
+            raise ValueError(f"--device-data makes every batch hold each of the {len(TASKS)} tasks: batch must be at "
+                             f"least {len(TASKS)}, got {self.batch}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be a whole number >= 0, got {self.seed}")
+        if self.time_limit is not None and not self.time_limit >= 0:
+            raise ValueError(f"time_limit must be a number of minutes >= 0 (0: none), got {self.time_limit}")
+        if self.fit_to_time and not self.time_limit:
+            raise ValueError("fit_to_time ends the schedule at --time-limit: give a time limit above 0 minutes "
+                             "(or leave out fit_to_time)")
         if self.workers < 0 or self.warmup < 0:
             raise ValueError(f"workers and warmup must be >= 0, got {self.workers} and {self.warmup}")
         if not 1 <= self.top_k <= self.num_exp:
@@ -154,11 +167,11 @@ class TrainConfig:
         if self.init and not init_path(self.init).is_file():
             raise FileNotFoundError(f"--init: checkpoint not found: {self.init}"
                                     + (f" (the folder has no {RUN_WEIGHTS})" if Path(self.init).is_dir() else ""))
-        if self.data_manifest:
-            photo_licences(self.data_manifest)  # readable, with the columns it needs, or one clear error now
         for folder in self.photos:
             if not Path(folder).exists():
                 raise FileNotFoundError(f"--photos: image folder not found: {folder}")
+        if self.data_manifest:  # readable, naming every photograph used, or one clear error now
+            licence_note(photo_licences(self.data_manifest, self.photos))
         for spec in self.psf:
             file, _ = _with_task(spec, "--psf", "FILE:TASK (e.g. psf.tif:defocus)")
             if not Path(file).is_file():
@@ -175,6 +188,10 @@ class TrainConfig:
 
 class TrainingDataError(ValueError):
     """The training images cannot make batches (none readable, none large enough...)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights stopped being finite numbers: nothing worth keeping is written."""
 
 
 def _with_task(spec: str, option: str, form: str) -> tuple[str, str]:
@@ -347,6 +364,27 @@ def _mixed(stream, extra: list, fraction: float, seed: int):
     return Mixed([stream, *extra], [1 - fraction] + [fraction / len(extra)] * len(extra), seed)
 
 
+def _sigterm_as_interrupt():
+    """Take SIGTERM (a scheduler's or ``timeout``'s stop) like Ctrl-C, so the run saves last.pt first."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -397,6 +435,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             saved = state.get("ema", state["params"])
             ema = {name: saved[name].to(device) for name in ema}
         step, record = int(state["step"]), json.loads(state["record"])
+        fitted = record.get("fitted_steps")
+        if cfg.fit_to_time and isinstance(fitted, int) and step <= fitted < cfg.steps:
+            # The schedule was fitted to the time of the run's first session: keep it, so that
+            # resuming does not start the learning rate again at its peak.
+            cfg = dataclasses.replace(cfg, steps=fitted)
+            print(f"keeping the schedule fitted to {fitted} steps", file=sys.stderr)
         print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
 
     if ema is not None:  # the averages and the live parameters, in the same order
@@ -406,7 +450,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     try:
         it, n_photos, slices = training_batches(data_cfg, device)
     except (ValueError, OSError) as err:  # the photographs themselves: as much the user's input as an option
-        raise TrainingDataError(str(err)) from err
+        hint = f" (--max-side {cfg.max_side} shrinks them first)" if cfg.max_side and "px" in str(err) else ""
+        raise TrainingDataError(f"{err}{hint}") from err
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -444,7 +489,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     except ImportError:  # pragma: no cover
         bar = None
     running = []
-    probe = (session["start_step"] + 20, session["start_step"] + 120)  # steps timed for fit_to_time
+    # Steps timed for fit_to_time, in the run's first session only (a resumed run keeps its schedule).
+    probe = (20, 120) if session["start_step"] == 0 else (-1, -1)
+    previous_sigterm = _sigterm_as_interrupt()
     try:
         while step < cfg.steps:
             elapsed = time.time() - t0
@@ -458,6 +505,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 fitted = step + int(rate * (cfg.time_limit * 60 - elapsed) * 0.97)
                 if fitted < cfg.steps:
                     cfg = dataclasses.replace(cfg, steps=fitted)
+                    record["fitted_steps"] = fitted
                     if bar is not None:
                         bar.total = fitted
                     print(f"{rate:.2f} steps/s: schedule fitted to {fitted} steps", file=sys.stderr, flush=True)
@@ -486,6 +534,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 gain, ce_m, acc_m = torch.stack(running).mean(0).tolist()
                 running.clear()
+                if not (math.isfinite(gain) and math.isfinite(float(loss.detach()))):
+                    raise TrainingDiverged(f"training diverged at step {step} (loss {float(loss.detach())}, gain "
+                                           f"{gain}): no weights written; try a lower --lr or --grad-clip")
                 speed.sample_gpu()
                 shown = "" if cfg.router_only else f" gain {gain:+.2f} dB"  # no restoration to score
                 msg = f"step {step} loss {float(loss.detach()):.3f}{shown} ce {ce_m:.3f} route-acc {acc_m:.2f}"
@@ -506,8 +557,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         print(f"interrupted at step {step}: saved {ckpt_path}; run the same command again to resume",
               file=sys.stderr)
         raise
+    finally:
+        _restore_sigterm(previous_sigterm)
     if bar is not None:
         bar.close()
+    final = list(ema.values()) if ema is not None else params
+    if not bool(torch.stack([torch.isfinite(p).all() for p in final]).all()):
+        raise TrainingDiverged(f"the weights hold NaN or infinite values at step {step}: no weights written; "
+                               "try a lower --lr or --grad-clip")
     save_checkpoint()
     if speed.summary():
         print(f"throughput: {speed.line()}", file=sys.stderr, flush=True)
@@ -529,11 +586,13 @@ def export(model: DeMoE, path: Path, cfg: TrainConfig, record: dict, patch: int,
     init_meta = init_meta or {}
     licence = {k: init_meta[k] for k in ("license", "license_note", "training_data") if k in init_meta}
     if cfg.data_manifest:
-        data = photo_licences(cfg.data_manifest)
+        data = photo_licences(cfg.data_manifest, cfg.photos)
         if "training_data" in init_meta:
             data["fine_tuned_from"] = init_meta["training_data"]
-        licence.update(license=init_meta.get("license", "MIT"), training_data=data,
-                       license_note=licence_note(data, init_meta.get("license_note")))
+        # Weights trained from scratch take the code's licence; fine-tuned ones keep what they started from.
+        name = init_meta.get("license", "unknown") if cfg.init else "MIT"
+        licence.update(license=name, training_data=data,
+                       license_note=licence_note(data, name, init_meta.get("license_note")))
     return save_model(
         model, path,
         input_convention={"color": "RGB", "range": [0.0, 1.0], "dtype": "float32", "layout": "NCHW"},
@@ -546,46 +605,90 @@ def export(model: DeMoE, path: Path, cfg: TrainConfig, record: dict, patch: int,
 _SHARE_ALIKE = ("GPL", "-SA", "GFDL")  # licence names whose terms pass on to derived works
 
 
-def photo_licences(manifest: str | Path) -> dict:
-    """The ``training_data`` record of a photographs manifest: images and licences per package."""
+def photo_licences(manifest: str | Path, photos: Sequence[str | Path] | None = None) -> dict:
+    """The ``training_data`` record of a photographs manifest: images and licences per package.
+
+    With ``photos`` (the folders training reads), the record counts the manifest's
+    rows whose file is there (same name and, where the manifest has one, same
+    SHA-256), and an image in those folders that the manifest does not list is an
+    error: its licence would be unknown, and the header would claim images that
+    were not used.
+    """
     import csv
+    import hashlib
     from collections import Counter
 
+    option = f"--data-manifest {manifest}"
     try:
         with open(manifest, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
     except OSError as err:
         raise FileNotFoundError(f"--data-manifest: cannot read {manifest} ({err.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{option}: not a UTF-8 tab-separated file ({err})") from None
     if not rows or not {"package", "version", "licence"} <= set(rows[0]):
-        raise ValueError(f"--data-manifest {manifest}: expected a TSV with columns package, version and licence "
+        raise ValueError(f"{option}: expected a TSV with columns package, version and licence "
                          "(as examples/training/prepare_photos.sh writes)")
+    if photos is not None:
+        if not photos:
+            raise ValueError(f"{option} describes training photographs, but no --photos are given")
+        if "file" not in rows[0]:
+            raise ValueError(f"{option}: a column 'file' is needed to match the manifest with --photos")
+        from .data import list_images
+
+        listed = {row["file"]: row for row in rows}
+        used, unknown, changed = [], [], []
+        for folder in photos:
+            for path in list_images([folder]):
+                name = path.name if Path(folder).is_file() else path.relative_to(folder).as_posix()
+                row = listed.get(name)
+                if row is None:
+                    unknown.append(name)
+                elif row.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != row["sha256"]:
+                    changed.append(name)
+                else:
+                    used.append(row)
+        for what, names in (("does not list", unknown), ("lists other contents for", changed)):
+            if names:
+                shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                raise ValueError(f"{option} {what} {len(names)} of the images in --photos ({shown}): their "
+                                 "licences are unknown. Give the manifest written with those images, or leave out "
+                                 "--data-manifest")
+        rows = used
     packages: dict[tuple[str, str], Counter] = {}
     for row in rows:
-        packages.setdefault((row["package"], row["version"]), Counter())[row["licence"]] += 1
+        packages.setdefault((row["package"], row["version"]), Counter())[row["licence"].strip() or "unknown"] += 1
     return {"photographs": [{"package": p, "version": v, "images": sum(c.values()),
-                             "license": ", ".join(f"{name} {n}" for name, n in c.most_common())}
+                             "license": "; ".join(f"{name} ({n})" for name, n in c.most_common()),
+                             "licenses": dict(c.most_common())}
                             for (p, v), c in packages.items()],
             "manifest": Path(manifest).name, "generated": "procedural dead-leaves images"}
 
 
-def licence_note(data: dict, earlier: str | None = None) -> str:
-    """What the licences of the training photographs imply for the weights, in plain words."""
-    counts: dict[str, int] = {}
+def licence_note(data: dict, licence: str = "MIT", earlier: str | None = None) -> str:
+    """What the licences of the training photographs imply for weights offered under ``licence``, in plain words."""
+    from collections import Counter
+
+    counts: Counter = Counter()
     for package in data["photographs"]:
-        for part in package["license"].split(", "):
-            name, _, n = part.rpartition(" ")
-            counts[name] = counts.get(name, 0) + int(n)
-    shared = {k: n for k, n in counts.items() if any(s in k for s in _SHARE_ALIKE)}
+        counts.update(package["licenses"])
+    shared = {k: n for k, n in counts.items() if any(s in k.upper() for s in _SHARE_ALIKE)}
+    unknown = counts.get("unknown", 0)
     total, n_shared = sum(counts.values()), sum(shared.values())
-    note = (f"The weights are offered under the MIT licence, like the code. They were learned from {total} "
-            f"photographs (listed with their sources and licences in {data['manifest']}) and from generated images; "
-            f"no image, or part of one, is in this file. {total - n_shared} of the photographs are public domain or "
-            f"under permissive licences; {n_shared} are under share-alike licences ("
-            + ", ".join(f"{k} {n}" for k, n in sorted(shared.items(), key=lambda kv: -kv[1])) + "). "
-            "Whether weights learned from images are a derivative work of those images is not settled in law. If "
-            "they are not, the MIT licence is all that applies; if they are, the share-alike terms (attribution, and "
-            "passing the weights on only under those licences) would also bind these weights and models fine-tuned "
-            "from them. This is not legal advice.")
+    offered = ("The licence of these weights is not stated" if licence in (None, "", "unknown")
+               else f"The weights are offered under the {licence} licence")
+    note = (f"{offered}. They were learned from {total} photographs (listed with their sources and licences in "
+            f"{data['manifest']}) and from generated images; no image, or part of one, is in this file. "
+            f"{total - n_shared - unknown} of the photographs are public domain or under permissive licences; "
+            f"{n_shared} are under share-alike licences"
+            + (" (" + ", ".join(f"{k} {n}" for k, n in counts.most_common() if k in shared) + ")" if shared else "")
+            + (f"; {unknown} have no licence stated" if unknown else "") + ". ")
+    if shared:
+        note += ("Whether weights learned from images are a derivative work of those images is not settled in law. "
+                 f"If they are not, the {licence or 'stated'} licence is all that applies; if they are, the "
+                 "share-alike terms (attribution, and passing the weights on only under those licences) would also "
+                 "bind these weights and models fine-tuned from them. ")
+    note += "This is not legal advice."
     if earlier:
         note += " The weights these were fine-tuned from say: " + earlier
     return note
@@ -637,6 +740,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     except TrainingDataError as err:
         print(f"demoe train: error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"demoe train: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # train() saved last.pt and said how to resume
         return 130
     print(f"wrote {path}")
