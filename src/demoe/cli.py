@@ -268,7 +268,7 @@ def run_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .checkpoint import CheckpointError, default_weights_path, load_model, training_stages
+    from .checkpoint import CheckpointError, default_weights_path, load_model, weights_description
     from .devices import available_devices, resolve_device
 
     print(f"demoe {__version__}, torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
@@ -293,67 +293,14 @@ def run_info(args: argparse.Namespace) -> int:
     convention = meta.get("input_convention")
     print("  input convention: " + (json.dumps(convention) if convention else
                                     "not recorded in the file (published DeMoE: RGB in [0, 1], float32)"))
-    for line in _licence_lines(meta):
+    for line in weights_description(meta, record):
         print("  " + line)
-    for stage in training_stages(record):
-        for line in _stage_lines(stage):
-            print("  " + line)
     return 0
 
 
 def _bars(args: argparse.Namespace) -> bool:
     """Progress bars on a terminal only (or with --progress): in a log they are fragments and escape codes."""
     return not args.quiet and (args.progress or sys.stderr.isatty())
-
-
-def _speed(session: dict) -> str:
-    """", N patches/s (M steps/s, GPU busy G %)" from a training session's record, or "" without figures."""
-    numbers = [session.get(k) for k in ("patches_per_s", "steps_per_s")]
-    if not all(isinstance(v, (int, float)) for v in numbers):
-        return ""
-    gpu = session.get("gpu_util_mean")
-    busy = f", GPU busy {gpu:.0f} %" if isinstance(gpu, (int, float)) else ""
-    return f", {numbers[0]:.0f} patches/s ({numbers[1]:.2f} steps/s{busy})"
-
-
-def _licence_lines(meta: dict) -> list[str]:
-    """The weights' licence, what they were trained on, and what that implies (when the file says)."""
-    import textwrap
-
-    lines = [f"licence: {meta['license']}"] if meta.get("license") else []
-    data = meta.get("training_data")
-    if isinstance(data, dict):
-        sources = [f"{p['images']} from {p['package']} {p['version']} ({p['license']})"
-                   for p in data.get("photographs", [])]
-        lines += textwrap.wrap("trained on photographs: " + "; ".join(sources) + f"; {data.get('generated', '')}",
-                               width=100, subsequent_indent="  ")
-    if meta.get("license_note"):
-        lines += textwrap.wrap(f"licence note: {meta['license_note']}", width=100, subsequent_indent="  ")
-    return lines
-
-
-def _stage_lines(record: dict) -> list[str]:
-    """One stage of the weights' training record (a fine-tune names the file it started from)."""
-    # A record is a file's header: anything may be in it, and what is not as written here is left out.
-    init = record.get("init")
-    lines = [f"then fine-tuned from {init.get('source')}:"] if isinstance(init, dict) else []
-    sessions = record.get("sessions")
-    for s in sessions if isinstance(sessions, list) else []:
-        if not isinstance(s, dict):
-            continue
-        seconds = s.get("wall_time_s", 0)
-        minutes = f"{seconds / 60:.1f}" if isinstance(seconds, (int, float)) else "?"
-        lines.append(f"training: steps {s.get('start_step')}-{s.get('end_step')} on {s.get('hardware')}, "
-                     f"{minutes} min{_speed(s)}, started {s.get('started')}")
-    if "data" in record:
-        lines.append(f"data: {record['data']}")
-    elif "photos" in record:
-        config = record.get("config") if isinstance(record.get("config"), dict) else {}
-        pairs, psfs = config.get("pairs") or [], config.get("psf") or []
-        lines.append(f"data: {record['photos']} photographs + dead leaves"
-                     + (f" + real pairs {', '.join(map(str, pairs))}" if isinstance(pairs, list) and pairs else "")
-                     + (f" + your PSFs {', '.join(map(str, psfs))}" if isinstance(psfs, list) and psfs else ""))
-    return lines
 
 
 # -- entry point -------------------------------------------------------------------------------
