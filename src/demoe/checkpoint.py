@@ -104,6 +104,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                                 "weights while it runs)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(f"{path}: an ONNX graph, not PyTorch weights; onnxruntime runs it: "
+                              "deblur(image, model=onnxruntime.InferenceSession(path))")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 

@@ -1,4 +1,4 @@
-"""The ``demoe`` command: ``demoe deblur``, ``demoe info``, ``demoe train``."""
+"""The ``demoe`` command: ``demoe deblur``, ``demoe info``, ``demoe export``, ``demoe train``."""
 
 from __future__ import annotations
 
@@ -303,6 +303,47 @@ def _bars(args: argparse.Namespace) -> bool:
     return not args.quiet and (args.progress or sys.stderr.isatty())
 
 
+# -- demoe export ---------------------------------------------------------------------------------------
+def run_export(args: argparse.Namespace) -> int:
+    """``demoe export onnx|bioimageio [MODEL] -o FILE``: one line on success, one line and status 2 on failure."""
+    import json
+
+    from .checkpoint import CheckpointError, load_model
+    from .export import OPSET, MissingDependencyError, check_output, export_bioimageio, export_onnx, require_extra
+
+    what = {"onnx": "an ONNX graph", "bioimageio": "a bioimage.io model package"}[args.format]
+    try:
+        check_output(args.output, {"onnx": ".onnx", "bioimageio": ".zip"}[args.format], args.overwrite)
+        require_extra(args.format)
+        if args.model is not None and not Path(args.model).exists():  # one line now, not after the notice
+            raise FileNotFoundError(f"checkpoint not found: {args.model}")
+        print(f"demoe: exporting {args.model or 'the packaged model'} as {what} (torch.onnx traces every layer: "
+              "up to half a minute)", file=sys.stderr)
+        model = args.model
+        if args.top_k is not None:  # else the exports load the file (after checking the output path)
+            model = load_model(args.model, top_k=args.top_k, device="cpu")
+        if args.format == "onnx":
+            path = export_onnx(model, args.output, task_input=args.task_input, overwrite=args.overwrite)
+        else:
+            path = export_bioimageio(model, args.output, authors=args.author, license=args.license,
+                                     name=args.name, overwrite=args.overwrite)
+    except (MissingDependencyError, CheckpointError, OSError, ValueError) as err:
+        print(f"demoe: {_one_line(err)}", file=sys.stderr)
+        return 2
+    if args.format == "onnx":
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        print(f"{path}: ONNX opset {OPSET}; inputs image (N, {json.loads(meta['demoe_config'])['img_channel']}, "
+              f"H, W; float32 in [0, 1]; H and W multiples of {meta['size_multiple']}) and task ({args.task_input}; "
+              "routing weights, zeros: the router chooses); outputs restored and probabilities")
+    else:
+        print(f"{path}: bioimage.io model (spec 0.5) with pytorch_state_dict and onnx weights; check it with "
+              f"bioimageio.core: python -c \"from demoe.export import check_package; print(check_package('{path}')"
+              '.status)"')
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------
 def _count_arg(least: int):
     """An argparse type: a whole number >= ``least`` (argparse then gives its one-line usage error)."""
@@ -363,6 +404,33 @@ def build_parser(train: bool = True) -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", metavar="MODEL",
                    help="checkpoint file or training run folder (default: the packaged model)")
     i.set_defaults(func=run_info)
+
+    e = sub.add_parser("export", help="write a model for onnxruntime and OpenCV (ONNX) or bioimage.io",
+                       description="Export a DeMoE model to run outside PyTorch. Needs the export extra: "
+                                   'pip install "napari-demoe[export]".')
+    formats = e.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    for name, suffix, text in (("onnx", ".onnx", "an ONNX graph (opset 18) for onnxruntime and OpenCV's dnn"),
+                               ("bioimageio", ".zip", "a bioimage.io model package (spec 0.5, PyTorch + ONNX)")):
+        f = formats.add_parser(name, help=text, description=f"Write {text}.")
+        f.add_argument("model", nargs="?", metavar="MODEL",
+                       help="checkpoint file or training run folder (default: the packaged model)")
+        f.add_argument("-o", "--output", default=f"demoe{suffix}", metavar="FILE",
+                       help=f"the {suffix} file to write (default: demoe{suffix}; its folder is created)")
+        f.add_argument("--top-k", type=_count_arg(1), metavar="K",
+                       help="experts mixed per image (default: the weights' header, else 1, as published)")
+        f.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+        if name == "onnx":
+            f.add_argument("--task-input", choices=["optional", "required"], default="optional",
+                           help="optional (default): the task input has a default (zeros: the router chooses), "
+                                "for onnxruntime; required: a plain input, which OpenCV's dnn can set (it reads "
+                                "an input with a default as a constant)")
+        if name == "bioimageio":
+            f.add_argument("--author", action="append", metavar="NAME",
+                           help="an author of the weights, repeatable (default: the weights' header; the "
+                                "packaged model's: the napari-demoe developers)")
+            f.add_argument("--license", metavar="SPDX", help="the weights' licence (default: the weights' header)")
+            f.add_argument("--name", help="the package's name (default: DeMoE deblurring (ARCHITECTURE))")
+    e.set_defaults(func=run_export)
 
     t = sub.add_parser("train", help="train or fine-tune a model", description="Train or fine-tune DeMoE.")
     if train:
