@@ -74,3 +74,15 @@ def blurred_photo():
     sharp = data.astronaut().astype(np.float32) / 255
     pair = degrade(sharp, "defocus", rng=1, radius=(3, 3))
     return (pair.blurry * 255).round().astype(np.uint8), (pair.sharp * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def packaged_onnx(tmp_path_factory):
+    """The packaged model as `demoe export onnx -o demoe.onnx --overwrite` writes it over an older file (once a
+    session: torch.onnx takes 10-20 s of CPU time for it)."""
+    from demoe import cli
+
+    path = tmp_path_factory.mktemp("onnx") / "demoe.onnx"
+    path.write_bytes(b"an older export")
+    assert cli.main(["export", "onnx", "-o", str(path), "--overwrite"]) == 0
+    return path

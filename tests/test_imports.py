@@ -30,7 +30,8 @@ def test_degradations_need_no_torch():
 
 def test_command_help_does_not_import_torch():
     """`demoe --help` and `demoe deblur --help` answer at once: torch (a second or more) is left alone."""
-    for argv in (["--help"], ["deblur", "--help"], ["info", "--help"]):
+    for argv in (["--help"], ["deblur", "--help"], ["info", "--help"], ["export", "--help"],
+                 ["export", "onnx", "--help"]):
         code = (f"import sys\nfrom demoe.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as e:\n"
                 f"    assert e.code == 0\nprint('torch' in sys.modules)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -1,5 +1,6 @@
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -229,3 +230,88 @@ def test_named_architectures_and_the_old_name_of_top_k():
     with pytest.warns(DeprecationWarning, match="top_k"):
         model.k_used = 3
     assert model.top_k == 3
+
+
+# -- the dense path: tensor operations only (tracing, ONNX export) -------------------------------------
+def test_dense_forward_matches_conformance(published):
+    """Auto routing and every forced task, the task given as a tensor: the published outputs to 1e-5."""
+    model, _, expected = published
+    x = torch.from_numpy(expected["input"])
+    assert model.top_k == 2 and x.shape[-1] % model.padder_size  # top-2 mixing and padding are exercised
+    with torch.no_grad():
+        out, probs = model.forward_dense(x)
+        np.testing.assert_allclose(out.numpy(), expected["output_auto"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(probs.numpy(), expected["pred_labels_auto"], atol=1e-5, rtol=0)
+        zeros, _ = model.forward_dense(x, torch.zeros(1, 5))  # a row of zeros: the router chooses
+        np.testing.assert_allclose(zeros.numpy(), expected["output_auto"], atol=1e-5, rtol=0)
+        for task in TASKS:
+            forced, forced_probs = model.forward_dense(x, model.task_weights(task))
+            np.testing.assert_allclose(forced.numpy(), expected[f"output_{task}"], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(forced_probs.numpy(), expected["pred_labels_auto"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_dense_forward_equals_forward_per_image(tiny_model, top_k):
+    """Per-image weights (one row per image, or one row for all), any size: forward's result."""
+    tiny_model.top_k = top_k
+    x = torch.rand(3, 3, 13, 22)
+    weights = torch.tensor([[0.6, 0.3, 0.1, 0, 0], [0, 0, 0, 0.2, 0.8], [0.1, 0.1, 0.5, 0.3, 0]])
+    with torch.no_grad():
+        out, _ = tiny_model.forward_dense(x, weights)
+        torch.testing.assert_close(out, tiny_model(x, weights=weights), atol=1e-5, rtol=0)
+        out, probs = tiny_model.forward_dense(x, weights[1:2])
+        torch.testing.assert_close(out, tiny_model(x, weights=weights[1:2].expand(3, -1)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(probs, tiny_model.route(x), atol=1e-6, rtol=0)
+        auto, _ = tiny_model.forward_dense(x, torch.tensor([[0.0] * 5, *weights[1:].tolist()]))
+        torch.testing.assert_close(auto[:1], tiny_model(x[:1]), atol=1e-5, rtol=0)  # its row of zeros: routed
+        torch.testing.assert_close(auto[1:], tiny_model(x[1:], weights=weights[1:]), atol=1e-5, rtol=0)
+
+
+def _two_routings(model):
+    """Two images the router sends to different experts (found among a few seeded ones)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(16, 3, 16, 16, generator=g) * torch.linspace(0.05, 3, 16).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        top = model.route(images).argmax(1)
+    other = int(torch.nonzero(top != top[0])[0])
+    return images[:1], images[other : other + 1]
+
+
+def test_dense_forward_traces_routing_and_task():
+    """A trace of the dense path routes every input anew and follows the task tensor: no expert is frozen
+    into it (a trace of forward() keeps the expert it saw while tracing)."""
+    model = randomize(DeMoE(width=4, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1]), seed=3)
+    a, b = _two_routings(model)
+
+    class Graph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, task):
+            return self.model.forward_dense(x, task)
+
+    with warnings.catch_warnings():  # the tracer's notes on the input checks (shapes only) and on k_used
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(Graph().eval(), (a, torch.zeros(1, 5)))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(b, torch.zeros(1, 5))[0], model(b), atol=1e-5, rtol=0)
+        for task in ("defocus", "low_light"):
+            torch.testing.assert_close(traced(b, model.task_weights(task))[0], model(b, task=task), atol=1e-5, rtol=0)
+        # forward() itself, traced, keeps a's expert for b: what the dense path is for
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frozen = torch.jit.trace(model, (a,))
+        wrong = frozen(b)
+        assert wrong.shape != b.shape or (wrong - model(b)).abs().max() > 1e-3
+
+
+def test_dense_forward_refuses_a_task_of_the_wrong_shape(tiny_model):
+    x = torch.rand(2, 3, 8, 8)
+    for bad in (torch.zeros(5), torch.zeros(3, 5), torch.zeros(1, 4), "defocus"):
+        with pytest.raises(ValueError, match=r"task must be a tensor of routing weights of shape \(2, 5\) or \(1, 5\)"):
+            tiny_model.forward_dense(x, bad)
+    with pytest.raises(ValueError, match="valid tasks are: auto, defocus"):
+        tiny_model.task_weights("rain")
+    torch.testing.assert_close(tiny_model.task_weights("auto", 2), torch.zeros(2, 5))
+    torch.testing.assert_close(tiny_model.task_weights("local_motion"), torch.eye(5)[2:3])

@@ -87,13 +87,18 @@ def _small_examples(root: Path) -> None:
             assert cv2.imwrite(str(out / src.name), cv2.imread(str(src), cv2.IMREAD_UNCHANGED)[:64, :64])
 
 
-def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
-    """Each ```python block runs, from the repository root as the README's commands do, on small inputs."""
+def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch, capsys, packaged_onnx):
+    """Each ```python block runs, from the repository root as the README's commands do, on small inputs (and
+    demoe.onnx there as the README's `demoe export onnx -o demoe.onnx` writes it: conftest's packaged_onnx)."""
+    import shutil
+
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
     assert len(blocks) >= 3
     for big in SMALL:
         assert big in README, f"{big} is no longer in the README: update SMALL"
+    assert "demoe export onnx -o demoe.onnx" in README
     _small_examples(tmp_path)
+    shutil.copy(packaged_onnx, tmp_path / "demoe.onnx")
     monkeypatch.chdir(tmp_path)
     for number, block in enumerate(blocks, 1):
         for big, small in SMALL.items():
@@ -105,6 +110,7 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
     assert printed[0] in demoe.TASKS  # info["task"]
     assert set(eval(printed[1])) == set(demoe.TASKS)  # info["probabilities"]: all five
     assert (tmp_path / "chelsea_deblurred.jpg").is_file() and (tmp_path / "my_sharp" / "astronaut.png").is_file()
+    assert printed[3] in demoe.TASKS  # the exported model's routing, in onnxruntime (after the dask block's dtype)
 
 
 def _shell_commands():

@@ -24,6 +24,7 @@ from ._arrays import (
 from .checkpoint import cached_model, load_model
 from .devices import AUTO_PRECISION, DEFAULT_BATCH, DEFAULT_TILE, PRECISIONS, default_streams, resolve_device
 from .model import DeMoE
+from .onnx_model import OnnxDeMoE, is_session
 from .tasks import ENSEMBLES, task_index
 
 
@@ -31,7 +32,7 @@ from .tasks import ENSEMBLES, task_index
 class DeblurPlan:
     """Every setting of one ``deblur()`` call, checked, with its defaults filled in."""
 
-    net: DeMoE
+    net: DeMoE | OnnxDeMoE  # OnnxDeMoE: an onnxruntime session of an exported DeMoE
     device: torch.device
     task: str | None  # the expert forced on every tile; None: the model routes
     routing: str  # "image": one routing per plane; "tile": every tile routed on its own
@@ -94,6 +95,9 @@ def make_plan(image, *, task, model, channel_axis, tile_size, overlap, routing, 
     task = None if task == AUTO else task
     _check_options(task, routing, precision, ensemble, preserve_mean, nan_policy, is_dask)
     axis = resolve_channel_axis(arr.shape, channel_axis)
+    if is_session(model):  # onnxruntime: its session's providers choose where it runs
+        _check_session_options(device, precision)
+        device = "cpu"
     dev = resolve_device(device)
     net = _network(model, dev)
     check_sizes(tile_size, overlap, batch_size, net.padder_size, streams)
@@ -105,7 +109,7 @@ def make_plan(image, *, task, model, channel_axis, tile_size, overlap, routing, 
     plan = DeblurPlan(net=net, device=dev, task=task, routing=routing, tile=tile, overlap=ovl,
                       batch=int(batch_size) if batch_size is not None else DEFAULT_BATCH.get(dev.type, 1),
                       streams=default_streams(dev) if streams is None else int(streams), bgr=bgr, lo=lo, hi=hi,
-                      preserve_mean=preserve_mean, window=_window(tlc, patch, tile),
+                      preserve_mean=preserve_mean, window=_window(tlc, patch, tile, isinstance(net, OnnxDeMoE)),
                       precision=AUTO_PRECISION.get(dev.type, "fp32") if precision == AUTO else precision,
                       ensemble=int(ensemble), nan_policy=nan_policy)
     return plan, inp
@@ -131,15 +135,29 @@ def _check_options(task, routing, precision, ensemble, preserve_mean, nan_policy
         raise ValueError(f"nan_policy must be 'raise' or 'keep', got {nan_policy!r}")
 
 
-def _network(model, device: torch.device) -> DeMoE:
-    """The model to run, on ``device``: the packaged default (loaded once per device), a checkpoint, or as given."""
+def _network(model, device: torch.device) -> DeMoE | OnnxDeMoE:
+    """The model to run, on ``device``: the packaged default (loaded once per device), a checkpoint, as given,
+    or an onnxruntime session of an exported DeMoE."""
     if model is None:
         return cached_model(None, device)
     if isinstance(model, (str, Path)):
         return load_model(model, device=device)
     if isinstance(model, DeMoE):
         return model.to(device).eval()
-    raise TypeError(f"model must be a DeMoE, a checkpoint path or None, got {type(model).__name__}")
+    if is_session(model):
+        return OnnxDeMoE(model)
+    raise TypeError(f"model must be a DeMoE, a checkpoint path, an onnxruntime.InferenceSession of an exported "
+                    f"DeMoE or None, got {type(model).__name__}")
+
+
+def _check_session_options(device, precision) -> None:
+    """What a model run by onnxruntime cannot take: a device (its session chooses), autocast precisions."""
+    if device not in (None, "auto", "cpu") and not (isinstance(device, torch.device) and device.type == "cpu"):
+        raise ValueError(f"device={device!r} does not apply to an onnxruntime session: it runs on the execution "
+                         "providers it was created with (e.g. InferenceSession(path, providers=[...]))")
+    if precision not in (AUTO, "fp32"):
+        raise ValueError(f"precision={precision!r} does not apply to an onnxruntime session: the exported graph "
+                         "computes in float32 (precision='auto' or 'fp32')")
 
 
 def _tiles(tile_size, overlap, patch: int, longest: int, device: torch.device, multiple: int) -> tuple[int, int]:
@@ -169,8 +187,9 @@ def _input(image, arr, axis: int | None, is_dask: bool, nan_policy: str) -> Inpu
     return Input(image=image, moved=moved, network=filled, holes=holes, axis=axis, is_dask=is_dask)
 
 
-def _window(tlc, patch: int, tile: int) -> int | None:
-    """The local converter's window for ``tlc``: None for the global pooling."""
+def _window(tlc, patch: int, tile: int, exported: bool = False) -> int | None:
+    """The local converter's window for ``tlc``: None for the global pooling (``exported``: an exported graph,
+    which pools globally, or a ValueError where a window would be used)."""
     if tlc is True:
         window = int(patch or 256)
     elif tlc is False or tlc is None:
@@ -179,4 +198,8 @@ def _window(tlc, patch: int, tile: int) -> int | None:
         window = int(tlc)
     else:
         raise ValueError(f"tlc must be True, False or a window size in pixels (> 0), got {tlc!r}")
-    return None if window is not None and window >= tile else window  # a window spanning every tile: global
+    window = None if window is not None and window >= tile else window  # a window spanning every tile: global
+    if exported and window is not None:
+        raise ValueError(f"an exported DeMoE pools globally, but tiles of {tile} px would pool over {window} px "
+                         f"(tlc): pass tlc=False, or tile_size={window} or less")
+    return window

@@ -65,9 +65,12 @@ def deblur(
         ``nan_policy='keep'``) and keep their values.
     task : {None, 'auto', 'defocus', 'global_motion', 'local_motion', 'synth_global_motion', 'low_light'}
         None/'auto' lets the model recognise the blur; a name forces that expert.
-    model : DeMoE or path, optional
+    model : DeMoE, path or onnxruntime.InferenceSession, optional
         A loaded model or a checkpoint file. Default: the packaged model
-        (loaded once per device).
+        (loaded once per device). Or a session of a model exported by
+        ``demoe export onnx``: onnxruntime runs the network (the same tiling,
+        dtypes and routing; float32 on the session's providers, so no
+        ``device``, and ``tlc`` only for tiles no larger than its window).
     channel_axis : int or None, optional
         Axis holding colour channels. Default: the last axis when ``image.ndim
         >= 3`` and it has 3 or 4 entries, otherwise no channel axis.

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import sys
+import textwrap
 import threading
 from importlib import resources
 from pathlib import Path
@@ -104,6 +105,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                                 "weights while it runs)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(f"{path}: an ONNX graph, not PyTorch weights; onnxruntime runs it: "
+                              "deblur(image, model=onnxruntime.InferenceSession(path))")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
@@ -247,6 +251,69 @@ def training_stages(record: dict | None) -> list[dict]:
         init = record.get("init")
         record = init.get("training") if isinstance(init, dict) else None
     return stages[::-1]
+
+
+def weights_description(metadata: dict[str, Any], record: dict | None = None) -> list[str]:
+    """What a weights file's header says about them, in lines: licence, training data, training stages.
+
+    ``record``: the ``training`` record (default: ``metadata["training"]``). ``demoe info`` prints these
+    lines; a bioimage.io package's documentation quotes them.
+    """
+    record = metadata.get("training") if record is None else record
+    lines = _licence_lines(metadata)
+    for stage in training_stages(record):
+        lines += _stage_lines(stage)
+    return lines
+
+
+def _speed(session: dict) -> str:
+    """", N patches/s (M steps/s, GPU busy G %)" from a training session's record, or "" without figures."""
+    numbers = [session.get(k) for k in ("patches_per_s", "steps_per_s")]
+    if not all(isinstance(v, (int, float)) for v in numbers):
+        return ""
+    gpu = session.get("gpu_util_mean")
+    busy = f", GPU busy {gpu:.0f} %" if isinstance(gpu, (int, float)) else ""
+    return f", {numbers[0]:.0f} patches/s ({numbers[1]:.2f} steps/s{busy})"
+
+
+def _licence_lines(meta: dict) -> list[str]:
+    """The weights' licence, what they were trained on, and what that implies (when the file says)."""
+    lines = [f"licence: {meta['license']}"] if meta.get("license") else []
+    data = meta.get("training_data")
+    if isinstance(data, dict):
+        photos = data.get("photographs")  # a header may hold anything: what is not as written here is left out
+        sources = [f"{p.get('images', '?')} from {p.get('package', '?')} {p.get('version', '')} "
+                   f"({p.get('license', '?')})"
+                   for p in (photos if isinstance(photos, list) else []) if isinstance(p, dict)]
+        lines += textwrap.wrap("trained on photographs: " + "; ".join(sources) + f"; {data.get('generated', '')}",
+                               width=100, subsequent_indent="  ")
+    if meta.get("license_note"):
+        lines += textwrap.wrap(f"licence note: {meta['license_note']}", width=100, subsequent_indent="  ")
+    return lines
+
+
+def _stage_lines(record: dict) -> list[str]:
+    """One stage of the weights' training record (a fine-tune names the file it started from)."""
+    # A record is a file's header: anything may be in it, and what is not as written here is left out.
+    init = record.get("init")
+    lines = [f"then fine-tuned from {init.get('source')}:"] if isinstance(init, dict) else []
+    sessions = record.get("sessions")
+    for s in sessions if isinstance(sessions, list) else []:
+        if not isinstance(s, dict):
+            continue
+        seconds = s.get("wall_time_s", 0)
+        minutes = f"{seconds / 60:.1f}" if isinstance(seconds, (int, float)) else "?"
+        lines.append(f"training: steps {s.get('start_step')}-{s.get('end_step')} on {s.get('hardware')}, "
+                     f"{minutes} min{_speed(s)}, started {s.get('started')}")
+    if "data" in record:
+        lines.append(f"data: {record['data']}")
+    elif "photos" in record:
+        config = record.get("config") if isinstance(record.get("config"), dict) else {}
+        pairs, psfs = config.get("pairs") or [], config.get("psf") or []
+        lines.append(f"data: {record['photos']} photographs + dead leaves"
+                     + (f" + real pairs {', '.join(map(str, pairs))}" if isinstance(pairs, list) and pairs else "")
+                     + (f" + your PSFs {', '.join(map(str, psfs))}" if isinstance(psfs, list) and psfs else ""))
+    return lines
 
 
 def default_weights_path() -> Path:

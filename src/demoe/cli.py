@@ -1,4 +1,4 @@
-"""The ``demoe`` command: ``demoe deblur``, ``demoe info``, ``demoe train``."""
+"""The ``demoe`` command: ``demoe deblur``, ``demoe info``, ``demoe export``, ``demoe train``."""
 
 from __future__ import annotations
 
@@ -268,7 +268,7 @@ def run_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
-    from .checkpoint import CheckpointError, default_weights_path, load_model, training_stages
+    from .checkpoint import CheckpointError, default_weights_path, load_model, weights_description
     from .devices import available_devices, resolve_device
 
     print(f"demoe {__version__}, torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
@@ -293,11 +293,8 @@ def run_info(args: argparse.Namespace) -> int:
     convention = meta.get("input_convention")
     print("  input convention: " + (json.dumps(convention) if convention else
                                     "not recorded in the file (published DeMoE: RGB in [0, 1], float32)"))
-    for line in _licence_lines(meta):
+    for line in weights_description(meta, record):
         print("  " + line)
-    for stage in training_stages(record):
-        for line in _stage_lines(stage):
-            print("  " + line)
     return 0
 
 
@@ -306,55 +303,45 @@ def _bars(args: argparse.Namespace) -> bool:
     return not args.quiet and (args.progress or sys.stderr.isatty())
 
 
-def _speed(session: dict) -> str:
-    """", N patches/s (M steps/s, GPU busy G %)" from a training session's record, or "" without figures."""
-    numbers = [session.get(k) for k in ("patches_per_s", "steps_per_s")]
-    if not all(isinstance(v, (int, float)) for v in numbers):
-        return ""
-    gpu = session.get("gpu_util_mean")
-    busy = f", GPU busy {gpu:.0f} %" if isinstance(gpu, (int, float)) else ""
-    return f", {numbers[0]:.0f} patches/s ({numbers[1]:.2f} steps/s{busy})"
+# -- demoe export ---------------------------------------------------------------------------------------
+def run_export(args: argparse.Namespace) -> int:
+    """``demoe export onnx|bioimageio [MODEL] -o FILE``: one line on success, one line and status 2 on failure."""
+    import json
 
+    from .checkpoint import CheckpointError, load_model
+    from .export import OPSET, MissingDependencyError, check_output, export_bioimageio, export_onnx, require_extra
 
-def _licence_lines(meta: dict) -> list[str]:
-    """The weights' licence, what they were trained on, and what that implies (when the file says)."""
-    import textwrap
+    what = {"onnx": "an ONNX graph", "bioimageio": "a bioimage.io model package"}[args.format]
+    try:
+        check_output(args.output, {"onnx": ".onnx", "bioimageio": ".zip"}[args.format], args.overwrite)
+        require_extra(args.format)
+        if args.model is not None and not Path(args.model).exists():  # one line now, not after the notice
+            raise FileNotFoundError(f"checkpoint not found: {args.model}")
+        print(f"demoe: exporting {args.model or 'the packaged model'} as {what} (torch.onnx traces every layer: "
+              "up to half a minute)", file=sys.stderr)
+        model = args.model
+        if args.top_k is not None:  # else the exports load the file (after checking the output path)
+            model = load_model(args.model, top_k=args.top_k, device="cpu")
+        if args.format == "onnx":
+            path = export_onnx(model, args.output, task_input=args.task_input, overwrite=args.overwrite)
+        else:
+            path = export_bioimageio(model, args.output, authors=args.author, license=args.license,
+                                     name=args.name, overwrite=args.overwrite)
+    except (MissingDependencyError, CheckpointError, OSError, ValueError) as err:
+        print(f"demoe: {_one_line(err)}", file=sys.stderr)
+        return 2
+    if args.format == "onnx":
+        import onnx
 
-    lines = [f"licence: {meta['license']}"] if meta.get("license") else []
-    data = meta.get("training_data")
-    if isinstance(data, dict):
-        photos = data.get("photographs")  # a header may hold anything: what is not as written here is left out
-        sources = [f"{p.get('images', '?')} from {p.get('package', '?')} {p.get('version', '')} ({p.get('license', '?')})"
-                   for p in (photos if isinstance(photos, list) else []) if isinstance(p, dict)]
-        lines += textwrap.wrap("trained on photographs: " + "; ".join(sources) + f"; {data.get('generated', '')}",
-                               width=100, subsequent_indent="  ")
-    if meta.get("license_note"):
-        lines += textwrap.wrap(f"licence note: {meta['license_note']}", width=100, subsequent_indent="  ")
-    return lines
-
-
-def _stage_lines(record: dict) -> list[str]:
-    """One stage of the weights' training record (a fine-tune names the file it started from)."""
-    # A record is a file's header: anything may be in it, and what is not as written here is left out.
-    init = record.get("init")
-    lines = [f"then fine-tuned from {init.get('source')}:"] if isinstance(init, dict) else []
-    sessions = record.get("sessions")
-    for s in sessions if isinstance(sessions, list) else []:
-        if not isinstance(s, dict):
-            continue
-        seconds = s.get("wall_time_s", 0)
-        minutes = f"{seconds / 60:.1f}" if isinstance(seconds, (int, float)) else "?"
-        lines.append(f"training: steps {s.get('start_step')}-{s.get('end_step')} on {s.get('hardware')}, "
-                     f"{minutes} min{_speed(s)}, started {s.get('started')}")
-    if "data" in record:
-        lines.append(f"data: {record['data']}")
-    elif "photos" in record:
-        config = record.get("config") if isinstance(record.get("config"), dict) else {}
-        pairs, psfs = config.get("pairs") or [], config.get("psf") or []
-        lines.append(f"data: {record['photos']} photographs + dead leaves"
-                     + (f" + real pairs {', '.join(map(str, pairs))}" if isinstance(pairs, list) and pairs else "")
-                     + (f" + your PSFs {', '.join(map(str, psfs))}" if isinstance(psfs, list) and psfs else ""))
-    return lines
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        print(f"{path}: ONNX opset {OPSET}; inputs image (N, {json.loads(meta['demoe_config'])['img_channel']}, "
+              f"H, W; float32 in [0, 1]; H and W multiples of {meta['size_multiple']}) and task ({args.task_input}; "
+              "routing weights, zeros: the router chooses); outputs restored and probabilities")
+    else:
+        print(f"{path}: bioimage.io model (spec 0.5) with pytorch_state_dict and onnx weights; check it with "
+              f"bioimageio.core: python -c \"from demoe.export import check_package; print(check_package('{path}')"
+              '.status)"')
+    return 0
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -417,6 +404,33 @@ def build_parser(train: bool = True) -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", metavar="MODEL",
                    help="checkpoint file or training run folder (default: the packaged model)")
     i.set_defaults(func=run_info)
+
+    e = sub.add_parser("export", help="write a model for onnxruntime and OpenCV (ONNX) or bioimage.io",
+                       description="Export a DeMoE model to run outside PyTorch. Needs the export extra: "
+                                   'pip install "napari-demoe[export]".')
+    formats = e.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    for name, suffix, text in (("onnx", ".onnx", "an ONNX graph (opset 18) for onnxruntime and OpenCV's dnn"),
+                               ("bioimageio", ".zip", "a bioimage.io model package (spec 0.5, PyTorch + ONNX)")):
+        f = formats.add_parser(name, help=text, description=f"Write {text}.")
+        f.add_argument("model", nargs="?", metavar="MODEL",
+                       help="checkpoint file or training run folder (default: the packaged model)")
+        f.add_argument("-o", "--output", default=f"demoe{suffix}", metavar="FILE",
+                       help=f"the {suffix} file to write (default: demoe{suffix}; its folder is created)")
+        f.add_argument("--top-k", type=_count_arg(1), metavar="K",
+                       help="experts mixed per image (default: the weights' header, else 1, as published)")
+        f.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+        if name == "onnx":
+            f.add_argument("--task-input", choices=["optional", "required"], default="optional",
+                           help="optional (default): the task input has a default (zeros: the router chooses), "
+                                "for onnxruntime; required: a plain input, which OpenCV's dnn can set (it reads "
+                                "an input with a default as a constant)")
+        if name == "bioimageio":
+            f.add_argument("--author", action="append", metavar="NAME",
+                           help="an author of the weights, repeatable (default: the weights' header; the "
+                                "packaged model's: the napari-demoe developers)")
+            f.add_argument("--license", metavar="SPDX", help="the weights' licence (default: the weights' header)")
+            f.add_argument("--name", help="the package's name (default: DeMoE deblurring (ARCHITECTURE))")
+    e.set_defaults(func=run_export)
 
     t = sub.add_parser("train", help="train or fine-tune a model", description="Train or fine-tune DeMoE.")
     if train:

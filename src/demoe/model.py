@@ -64,8 +64,10 @@ class SimpleGate(nn.Module):
     """Split the channels in two halves and multiply them (2c -> c)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = x.chunk(2, dim=1)
-        return a * b
+        # Two slices, not x.chunk(2): the same views, but exported to ONNX as Slice, where chunk becomes
+        # SplitToSequence, which OpenCV's dnn cannot read.
+        c = x.shape[1] // 2
+        return x[:, :c] * x[:, c:]
 
 
 def local_mean(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -164,7 +166,10 @@ class MoEBlock(nn.Module):
     Only the top ``k`` experts of every image are used, their weights
     renormalised to sum to one. An expert that carries no weight for any image
     of the batch is not run at all; an expert is run only on the images that
-    chose it.
+    chose it. ``dense=True`` runs every expert on every image and sums them,
+    weighted: the same result with tensor operations only, no choice made in
+    Python from the data (what tracing and ONNX export need), at the cost of
+    running all the experts.
     """
 
     def __init__(self, c: int, num_exp: int):
@@ -172,11 +177,18 @@ class MoEBlock(nn.Module):
         self.experts = nn.ModuleList(NAFBlock(c) for _ in range(num_exp))
 
     def forward(self, x: torch.Tensor, mix: torch.Tensor,
-                expert_slices: Sequence[tuple[int, int, int]] | None = None, pool: int | None = None) -> torch.Tensor:
+                expert_slices: Sequence[tuple[int, int, int]] | None = None, pool: int | None = None,
+                dense: bool = False) -> torch.Tensor:
         # ``mix`` is the (N, num_exp) matrix of renormalised top-k weights,
         # zero where an expert was not chosen (see ``DeMoE.mixing_weights``).
         if expert_slices is not None:  # rows [start, stop) go to one expert, whole: no weights to look up
             return torch.cat([self.experts[e](x[start:stop], pool) for e, start, stop in expert_slices])
+        if dense:
+            weights = mix.to(x.dtype)[:, :, None, None, None]  # (N, num_exp, 1, 1, 1)
+            out = weights[:, 0] * self.experts[0](x, pool)
+            for e in range(1, len(self.experts)):
+                out = out + weights[:, e] * self.experts[e](x, pool)
+            return out
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             rows = torch.nonzero(mix[:, e] > 0).flatten()
@@ -214,7 +226,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.conv_bottleneck(x)
-        f = f * self.attention(f)
+        # The one-channel attention map expanded to f's channels first: the same product, but OpenCV's
+        # dnn (5.0) computes a product broadcast across channels wrongly (found exporting to ONNX).
+        f = f * self.attention(f).expand_as(f)
         return self.classifier(f)
 
 
@@ -455,15 +469,79 @@ class DeMoE(nn.Module):
             if covered != list(range(x.shape[0])) or not all(0 <= e < self.num_exp for e, _, _ in expert_slices):
                 raise ValueError(f"expert_slices must cover rows 0..{x.shape[0] - 1} in order with experts "
                                  f"0..{self.num_exp - 1}, got {expert_slices}")
+        out = (self.ending(self._decode(y, skips, mix, pools, expert_slices)) + inp)[..., :h, :w]
+        if return_logits:
+            return out, logits
+        return out
+
+    def _decode(self, y: torch.Tensor, skips: list[torch.Tensor], mix: torch.Tensor, pools: list[int | None],
+                expert_slices: Sequence[tuple[int, int, int]] | None = None, dense: bool = False) -> torch.Tensor:
+        """The bottleneck and the decoder, each level's experts mixed by ``mix``."""
         levels = len(self.decoders)
         y = self.middle_blks(y, pools[levels])
-        y = self.experts[0](y, mix, expert_slices, pools[levels])
+        y = self.experts[0](y, mix, expert_slices, pools[levels], dense)
         for i, (up, decoder) in enumerate(zip(self.ups, self.decoders)):
             y = up(y) + skips[-1 - i]
             pool = pools[levels - 1 - i]
             y = decoder(y, pool)
-            y = self.experts[i + 1](y, mix, expert_slices, pool)
-        out = (self.ending(y) + inp)[..., :h, :w]
-        if return_logits:
-            return out, logits
-        return out
+            y = self.experts[i + 1](y, mix, expert_slices, pool, dense)
+        return y
+
+    # -- forward with tensor operations only (tracing, ONNX export) ---------------------
+    def task_weights(self, task: str, n: int = 1) -> torch.Tensor:
+        """The routing weights (``n``, num_exp) that force ``task``'s expert: one-hot rows."""
+        index = self.task_index(task)
+        weights = torch.zeros(n, self.num_exp)
+        if index is not None:
+            weights[:, index] = 1.0
+        return weights
+
+    def forward_dense(
+        self, x: torch.Tensor, task: torch.Tensor | None = None, pool_window: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Restore a batch with tensor operations only: ``(restored, probabilities)``.
+
+        The result of :meth:`forward` (to float rounding), computed without a
+        choice made in Python from the data: the router always runs, the task
+        is a tensor, and the top-k mixing runs every expert on every image,
+        weighted (zero weight for the experts not chosen). What tracing and
+        ONNX export need (:mod:`demoe.export`); about twice the work of
+        :meth:`forward` for the packaged model, which stays the fast path.
+
+        Parameters
+        ----------
+        x : Tensor (N, C, H, W)
+            Images scaled to [0, 1].
+        task : Tensor (N, num_exp) or (1, num_exp), optional
+            Routing weights for each image (one row: for all of them). A row of
+            zeros lets the router choose; a one-hot row forces that expert
+            (:meth:`task_weights`); any other row is mixed like the router's
+            probabilities (its top ``top_k``, renormalised). None: all zeros.
+        pool_window : int, optional
+            As for :meth:`forward`.
+
+        Returns
+        -------
+        restored : Tensor (N, C, H, W)
+        probabilities : Tensor (N, num_exp)
+            The router's probabilities (the softmax of its logits), float32,
+            also where ``task`` forced an expert.
+        """
+        self._check_input(x)
+        h, w = x.shape[-2:]
+        inp = self._pad(x)
+        pools = self._pools(pool_window)
+        y, skips = self._encode(inp, pools)
+        probs = self.mlp_branch(y).float().softmax(dim=1)
+        weights = probs
+        if task is not None:
+            if not isinstance(task, torch.Tensor) or task.ndim != 2 or task.shape[1] != self.num_exp \
+                    or task.shape[0] not in (1, x.shape[0]):
+                shape = tuple(task.shape) if isinstance(task, torch.Tensor) else type(task).__name__
+                raise ValueError(f"task must be a tensor of routing weights of shape ({x.shape[0]}, {self.num_exp}) "
+                                 f"or (1, {self.num_exp}), got {shape}")
+            given = task.to(probs).expand_as(probs)
+            weights = torch.where(given.sum(dim=1, keepdim=True) > 0, given, probs)  # a row of zeros: the router's
+        mix = self.mixing_weights(weights)
+        out = (self.ending(self._decode(y, skips, mix, pools, dense=True)) + inp)[..., :h, :w]
+        return out, probs
