@@ -41,8 +41,8 @@ _ROUND = 6  # decimals (dB) kept before comparing, so float round-off cannot dec
 def measure(model, device=None, limit: int | None = None) -> dict:
     """The figures the rule reads, for one model: OOD gains per family and their mean, ID PSNR per task."""
     out = ood.run(model, device=device, limit=limit, classical=False)
-    rows, routed, _ = quality.run(model, device=device, limit=limit, classical=False)
-    auto = [(task, p) for (_, task, m, p, _, _) in rows if m == "demoe_auto"]
+    rows, routed, _ = quality.run(model, device=device, limit=limit)  # DeMoE only: no settings
+    auto = [(task, p) for (_, task, m, p, _) in rows if m == "demoe_auto"]
     id_psnr = {task: float(np.mean([p for t, p in auto if t == task])) for task in demoe.TASKS}
     return {
         "ood_gain": {f: out["auto_gain"][f] for f in ood.FAMILIES},

@@ -70,7 +70,8 @@ import demoe
 from demoe.checkpoint import resolve_device
 from demoe.degrade import make_pair, psf_disk, psf_gaussian, psf_trajectory, random_linear_trajectory
 from _report import save_report
-from _restore import crop, photo, richardson_lucy, scores, wiener
+from _restore import RL_ITERATIONS, WIENER_BALANCES, crop, photo, richardson_lucy, scores, wiener
+from _restore import tune as tune_classical
 
 CROP = 256
 NOISE = 0.01  # Gaussian sensor noise (sigma, on [0, 1]) added to every blurred image
@@ -93,8 +94,6 @@ TUNING_IMAGES = [
     ("coffee", 144, 0),
 ]
 TUNING_SEED = 10_000
-RL_ITERATIONS = (5, 10, 20, 30, 50)  # tried 80 and 120: +0.03 and -0.03 dB on the Gaussian, the only family that wanted 50
-WIENER_BALANCES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 METHODS = ["blurry", "demoe_auto", "demoe_expert", "richardson_lucy", "wiener"]
 
 
@@ -183,20 +182,12 @@ def cases(images=IMAGES, seed0: int = 0, limit: int | None = None, gray: bool = 
 
 
 # -- the methods -----------------------------------------------------------------------
-def mean_psnr(group: list[Case], restore) -> float:
-    return float(np.mean([scores(restore(c), c.sharp)[0] for c in group]))
-
-
 def tune(tuning: list[Case]) -> dict[str, dict[str, float]]:
-    """Per family, the Richardson-Lucy iterations and Wiener balance of best mean PSNR on ``tuning``."""
-    best = {}
-    for family in FAMILIES:
-        group = [c for c in tuning if c.family == family]
-        rl = [mean_psnr(group, lambda c, n=n: richardson_lucy(c.blurry, c.psf, n)) for n in RL_ITERATIONS]
-        wi = [mean_psnr(group, lambda c, b=b: wiener(c.blurry, c.psf, b)) for b in WIENER_BALANCES]
-        best[family] = {"rl_iterations": RL_ITERATIONS[int(np.argmax(rl))],
-                        "wiener_balance": WIENER_BALANCES[int(np.argmax(wi))]}
-    return best
+    """Per family, the Richardson-Lucy iterations and Wiener balance of best mean PSNR on ``tuning``
+    (``_restore.tune``, on the grids ``RL_ITERATIONS`` and ``WIENER_BALANCES``)."""
+    groups = {family: [c for c in tuning if c.family == family] for family in FAMILIES}
+    best = tune_classical(groups, ("richardson_lucy", "wiener"))
+    return {f: {"rl_iterations": b["richardson_lucy"], "wiener_balance": b["wiener"]} for f, b in best.items()}
 
 
 def classical_rows(reported: list[Case], settings) -> list[tuple]:

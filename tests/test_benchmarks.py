@@ -83,6 +83,35 @@ def test_ood_report_on_a_tiny_model(tmp_path, tiny_model):
     assert result["families"]["gaussian"]["methods"]["richardson_lucy"]["gain"] > 1.0
 
 
+def test_quality_report_compares_like_with_like_with_tuned_baselines(tmp_path, tiny_model, monkeypatch):
+    import _restore
+
+    weights = save_model(tiny_model, tmp_path / "tiny.safetensors")
+    settings = {}  # what the run tuned
+    tune = quality.tune_classical
+    monkeypatch.setattr(quality, "tune_classical", lambda limit=None: settings.update(tune(limit)) or settings)
+    assert quality.main(["--model", str(weights), "--limit", "1", "--no-figures", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "quality.md").read_text()
+    # One table per kind of degradation, each with the methods made for it.
+    pure, no_psf, low = (text.split("## ")[k].split("\n\n")[1] for k in (1, 2, 3))
+    assert "Richardson-Lucy | Wiener | unsharp mask |" in pure and "| defocus |" in pure and "| low_light" not in pure
+    assert pure.splitlines()[0].count("|") == 8 and no_psf.splitlines()[0].endswith("| unsharp mask |")
+    assert "| low_light |" in low and low.splitlines()[0].endswith("| exposure + denoising |")
+    assert "Wiener" not in low and "Mean intensity" not in text
+    # The settings were chosen on the tuning set, from the grids, and are stated.
+    assert {t: set(s) for t, s in settings.items()} == {t: set(m) for t, m in quality.CLASSICAL_FOR.items()}
+    for task, chosen in settings.items():
+        line = next(line for line in text.split("Classical settings")[1].splitlines() if line.startswith(f"- {task}: "))
+        for method, setting in chosen.items():
+            assert setting in _restore.CLASSICAL[method][1]
+            assert f"{quality.LABELS[method]} {quality.setting_text(method, setting)}" in line
+    # Given the true PSF and a tuned setting, Richardson-Lucy really deblurs; the low-light baseline brightens.
+    gain = {name: [float(cell.split()[0]) for cell in table.splitlines()[-1].split(" | ")[1:]]
+            for name, table in (("pure", pure), ("low", low))}
+    assert gain["pure"][3] > 0.5 and gain["low"][3] > 3  # the Richardson-Lucy and exposure + denoising columns
+    assert not {name for name, *_ in quality.TUNING_IMAGES} & set(quality.IMAGES)  # tuned on other photographs
+
+
 def test_compare_weights_on_two_tiny_models(tmp_path, tiny_model, capsys):
     old = str(save_model(tiny_model, tmp_path / "old.safetensors"))
     new = str(save_model(randomize(tiny_model, seed=3), tmp_path / "new.safetensors"))

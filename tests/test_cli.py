@@ -79,6 +79,44 @@ def test_deblur_ensemble_option(tmp_path, tiny_model, monkeypatch, capsys):
     assert exc.value.code == 2 and "--ensemble: invalid choice: 3" in capsys.readouterr().err
 
 
+def test_a_real_network_sees_each_files_channels_routing_and_intensities(tmp_path, tiny_model, monkeypatch, capsys):
+    """End to end with a seeded tiny network, not the identity (which cannot see channel order, routing or the
+    intensity mapping): each file's result is deblur() of its pixels in RGB order, and its line has that routing."""
+    from PIL import Image as PILImage
+    from skimage import data
+
+    from demoe import deblur
+
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: tiny_model)
+    rgb = np.ascontiguousarray(data.astronaut()[40:88, 200:264])  # 48 x 64: red, blue and skin tones
+    deep = (rgb.astype(np.uint16) * 16 + 7)[::-1]  # 12-bit colour in uint16: normalised by percentiles
+    tissue = np.random.default_rng(13).integers(200, 3800, (40, 56)).astype(np.uint16)
+    PILImage.fromarray(rgb).save(tmp_path / "photo.png")  # read back by OpenCV as BGR
+    cv2.imwrite(str(tmp_path / "deep.png"), deep[..., ::-1])
+    tifffile.imwrite(tmp_path / "tissue.tif", tissue)
+    rc, text = _run(["deblur", str(tmp_path), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert rc == 0, text
+
+    def expect(image, name):
+        out, info = deblur(image, model=tiny_model, nan_policy="keep", return_info=True)
+        p = info["probabilities"][info["task"]]
+        assert f"{name}: {info['task']} (detected, p={p:.2f}) -> " in text  # the routing of the RGB pixels
+        return out
+
+    with PILImage.open(tmp_path / "out" / "photo_deblurred.png") as im:
+        np.testing.assert_array_equal(np.asarray(im), expect(rgb, "photo.png"))
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "out" / "deep_deblurred.png"), cv2.IMREAD_UNCHANGED),
+                                  expect(deep, "deep.png")[..., ::-1])
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "tissue_deblurred.tif"),
+                                  expect(tissue, "tissue.tif"))
+    # The network makes these differences visible: channels in the other order, or another intensity
+    # mapping, give other results.
+    swapped = deblur(rgb[..., ::-1], model=tiny_model)[..., ::-1]
+    assert np.abs(swapped.astype(int) - deblur(rgb, model=tiny_model)).max() > 10
+    ranged = deblur(tissue, model=tiny_model, normalize="range")
+    assert np.abs(ranged.astype(int) - deblur(tissue, model=tiny_model)).max() > 10
+
+
 def test_deblur_routing_and_preserve_mean_options(tmp_path, tiny_model, default_model, monkeypatch, capsys):
     import torch
 
@@ -255,6 +293,24 @@ def test_refuses_to_overwrite_inputs(folder, capsys):
     assert rc == 2
     assert "would overwrite an input" in capsys.readouterr().err
     assert digest(folder) == before
+
+
+def test_an_input_is_never_the_output_of_another_input(tmp_path, identity_model, monkeypatch, capsys):
+    """`demoe deblur a.png a_deblurred.png --overwrite` would write a.png's result over the second input."""
+    monkeypatch.setattr("demoe.checkpoint.load_model", lambda *a, **k: identity_model)
+    rng = np.random.default_rng(11)
+    for name in ("a.png", "a_deblurred.png"):
+        cv2.imwrite(str(tmp_path / name), rng.integers(0, 256, (16, 20, 3), dtype=np.uint8))
+    (tmp_path / "out").mkdir()
+    cv2.imwrite(str(tmp_path / "out" / "b_deblurred.png"), rng.integers(0, 256, (16, 20), dtype=np.uint8))
+    cv2.imwrite(str(tmp_path / "b.png"), rng.integers(0, 256, (16, 20), dtype=np.uint8))
+    before = digest(tmp_path)
+    for argv in ([str(tmp_path / "a.png"), str(tmp_path / "a_deblurred.png")],  # beside their source
+                 [str(tmp_path / "a_deblurred.png"), str(tmp_path / "a.png")],  # in either order
+                 [str(tmp_path / "b.png"), str(tmp_path / "out" / "b_deblurred.png"), "-o", str(tmp_path / "out")]):
+        rc, text = _run(["deblur", *argv, "-q", "--overwrite"], capsys)
+        assert rc == 2 and "would overwrite an input" in text, argv
+        assert digest(tmp_path) == before, argv  # nothing written, not even the other file's result
 
 
 def test_rerun_on_a_folder_skips_what_is_done(folder, capsys):

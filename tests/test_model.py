@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize
-from demoe import TASKS, DeMoE, load_model
+from conftest import PINNED, pinned_model, pinned_outputs, randomize
+from demoe import TASKS, DeMoE, load_model, save_model
 
 
 def test_tasks_in_expert_order():
@@ -53,6 +53,28 @@ def test_forced_tasks_differ(published):
     with torch.no_grad():
         outs = [model(x, task=t) for t in TASKS]
     assert all((outs[0] - o).abs().max() > 1e-4 for o in outs[1:])
+
+
+# -- conformance with our own pinned data (in the repository) ---------------------------
+@pytest.mark.parametrize("form", ["safetensors", "published .pt"])
+def test_pinned_outputs_of_a_seeded_model(tmp_path, form):
+    """The routing and every expert's output of a seeded tiny model, pinned once (tests/data/pinned_tiny.npz),
+    through the loader: an expert swapped in loading, routing or mixing changes them. Needs no published data."""
+    expected = dict(np.load(PINNED))
+    model = pinned_model()
+    if form == "safetensors":
+        path = save_model(model, tmp_path / "seeded.safetensors")
+    else:
+        path = tmp_path / "seeded.pt"
+        torch.save({"params": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    got = pinned_outputs(load_model(path, device="cpu"))
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_array_equal(got.pop("input"), expected.pop("input"))
+    for key, value in got.items():
+        np.testing.assert_allclose(value, expected[key], atol=1e-5, rtol=0, err_msg=key)
+    # The experts' outputs lie far apart against that tolerance: no two can be swapped unseen.
+    outs = [expected[f"output_{t}"] for t in TASKS]
+    assert min(np.abs(a - b).max() for i, a in enumerate(outs) for b in outs[i + 1 :]) > 0.05
 
 
 # -- behaviour ----------------------------------------------------------------------------
@@ -120,13 +142,20 @@ def test_top_k_mixes_and_renormalises(tiny_model):
     w = torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.05]])
     mix = tiny_model.mixing_weights(w)
     torch.testing.assert_close(mix, torch.tensor([[0.625, 0.375, 0, 0, 0]]))
-    x = torch.rand(1, 3, 16, 16)
+    # Experts 0 and 1 made equal at every level but the last: there the two are mixed 0.625 : 0.375, and the
+    # affine ending keeps that mix, so the output is the same blend of the two experts' outputs.
     with torch.no_grad():
+        for moe in tiny_model.experts[:-1]:
+            moe.experts[1].load_state_dict(moe.experts[0].state_dict())
+        x = torch.rand(1, 3, 16, 16)
         y = tiny_model(x, weights=w)
         a = tiny_model(x, weights=torch.tensor([[1.0, 0, 0, 0, 0]]))
         b = tiny_model(x, weights=torch.tensor([[0, 1.0, 0, 0, 0]]))
-    # Only the experts differ, so the mixture lies strictly between the two.
-    assert not torch.allclose(y, a, atol=1e-6) and not torch.allclose(y, b, atol=1e-6)
+    torch.testing.assert_close(y, 0.625 * a + 0.375 * b, atol=1e-5, rtol=0)
+    # So the mixture lies strictly between the two, wherever they differ (most pixels).
+    apart = (a - b).abs() > 1e-3
+    assert apart.float().mean() > 0.5
+    assert ((torch.minimum(a, b) < y) & (y < torch.maximum(a, b)))[apart].all()
 
 
 def test_auto_routing_is_per_image():
@@ -142,13 +171,25 @@ def test_auto_routing_is_per_image():
         torch.testing.assert_close(y[1:], model(x[1:]), atol=1e-5, rtol=0)
 
 
-def test_fresh_model_is_near_identity_shape_and_trainable():
+def test_fresh_blocks_are_identities_and_the_model_trains():
+    """Zero residual scales: every fresh NAF block, experts included, returns its input, so a fresh model
+    restores alike whichever expert is chosen; gradients reach the router and the chosen experts."""
+    torch.manual_seed(0)
     model = DeMoE(width=8, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1])
+    u = torch.rand(2, 8, 10, 6)
+    blocks = [model.encoders[0].modules_list[0], *model.experts[-1].experts]
+    for block in blocks:
+        torch.testing.assert_close(block(u), u, rtol=0, atol=0)
     x = torch.rand(2, 3, 20, 12)
     out, logits = model(x, weights=torch.eye(5)[:2], return_logits=True)
     assert out.shape == x.shape and logits.shape == (2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, weights=torch.eye(5)[3:]), out.detach(), rtol=0, atol=1e-6)
     (out.mean() + logits.mean()).backward()
-    assert model.mlp_branch.classifier[6].weight.grad is not None
+    assert model.mlp_branch.classifier[6].weight.grad.abs().sum() > 0
+    for e in (0, 1):  # image 0 went to expert 0, image 1 to expert 1, at every level
+        assert all(moe.experts[e].beta.grad.abs().sum() > 0 for moe in model.experts)
+    assert all(moe.experts[4].beta.grad is None for moe in model.experts)  # not chosen: not run
 
 
 @pytest.mark.parametrize("size", [1, 4, 7, 64, 192])

@@ -52,3 +52,23 @@ def test_packaged_model_recognises_defocus(default_model, blurred_photo):
     blurry, _ = blurred_photo
     probs = classify_blur(blurry, model=default_model)
     assert max(probs, key=probs.get) == "defocus"
+
+
+def test_an_image_is_routed_from_its_most_textured_tiles(tiny_model, default_model, blurred_photo, monkeypatch):
+    """Flat tiles say nothing about blur: a flat margin (sky, an empty part of a slide) leaves the routing to the
+    textured part, where routing from the least textured tiles would report the flat part's."""
+    blurry, _ = blurred_photo
+    photo = blurry[:256, 128:384]
+    flat = np.full_like(photo, int(photo.mean()))
+    both = np.concatenate([photo, flat], axis=1)  # 32 tiles of 64 px, half of them flat: 8 are routed
+    p_photo, p_both, p_flat = (np.array(list(classify_blur(img, model=default_model, tile_size=64).values()))
+                               for img in (photo, both, flat))
+    assert np.abs(p_both - p_photo).max() < 0.1 < np.abs(p_flat - p_photo).max()
+    # Which tiles the router sees (any weights): the textured ones only.
+    seen = []
+    route = tiny_model.route
+    monkeypatch.setattr(tiny_model, "route", lambda x, **kw: seen.append(x.numpy().copy()) or route(x, **kw))
+    texture = np.random.default_rng(3).random((64, 64)).astype(np.float32)
+    classify_blur(np.concatenate([texture, np.full_like(texture, 0.5)], axis=1), model=tiny_model, tile_size=16)
+    tiles = np.concatenate(seen)
+    assert len(tiles) == 8 and all(t.std() > 0.1 for t in tiles)
