@@ -104,11 +104,16 @@ def test_batches_shape_range_labels_and_seeds(photos):
     assert not torch.equal(follow[1], sharp)  # an endless stream, not one batch again
 
 
-def test_small_photos_are_left_out_and_dead_leaves_fill_in():
-    stream = DeviceBatches([np.ones((50, 50, 3), np.float32)], patch=32, batch=5, seed=0, bank=16, leaves=2)
-    assert stream.n_photos == 0 and stream.n_leaves == 2 and stream.photo_fraction == 0
-    blurry, sharp, _ = stream.sample()
-    assert float(sharp.std()) > 0.05  # dead leaves, not the (too small) flat photo
+def test_small_photos_are_left_out_with_a_warning_and_none_at_all_is_an_error():
+    small, big = np.ones((50, 50, 3), np.float32), np.full((100, 100, 3), 0.5, np.float32)
+    with pytest.warns(RuntimeWarning, match="1 of 2 photographs are smaller than 96 x 96 px"):
+        stream = DeviceBatches([small, big], patch=32, batch=5, seed=0, bank=16, leaves=2, photo_fraction=1.0)
+    assert stream.n_photos == 1
+    assert torch.equal(stream.sample()[1], torch.full((5, 3, 32, 32), 128 / 255))  # the big one, never the small
+    with pytest.raises(ValueError, match="none of the 1 photographs is at least 96 x 96 px"):
+        DeviceBatches([small], patch=32, batch=5, seed=0, bank=16)
+    only_leaves = DeviceBatches([], patch=32, batch=5, seed=0, bank=16, leaves=2)
+    assert only_leaves.n_leaves == 2 and float(only_leaves.sample()[1].std()) > 0.05
 
 
 def test_bad_patch_or_margin_is_refused():

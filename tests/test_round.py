@@ -161,3 +161,26 @@ def test_the_gpu_round_stops_at_once_without_photographs(tmp_path):
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "prepare_photos.sh" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_training_images_are_left_out_with_a_warning(tmp_path):
+    from demoe.data import load_photos
+
+    folder = _photos(tmp_path / "photos", n=2)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    with pytest.warns(RuntimeWarning, match=r"left out 1 of 3 training images that cannot be read: .*broken\.jpg"):
+        assert len(load_photos([folder])) == 2
+    (folder / "p0.jpg").unlink()
+    (folder / "p1.jpg").unlink()
+    with pytest.raises(ValueError, match="none of the 1 training images"), pytest.warns(RuntimeWarning):
+        load_photos([folder])
+
+
+@pytest.mark.parametrize("device_data", [True, False])
+def test_photographs_too_small_for_the_patch_are_one_line(tmp_path, capsys, device_data):
+    folder = _photos(tmp_path / "photos", n=1)  # 200 px: too small for 256 px patches and their margins
+    args = [*TINY, "--photos", str(folder), "--patch", "256", "--steps", "1", "--workers", "0",
+            "--out", str(tmp_path / "run"), *(["--device-data"] if device_data else [])]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("demoe train: error: none of the 1 photographs is at least") and "Traceback" not in err

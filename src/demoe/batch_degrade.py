@@ -379,7 +379,9 @@ class DeviceBatches:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(seed) % (2**63))
         self.draw = RandomDraws(gen, self.device)
-        photos = [_as_uint8(im) for im in images if min(np.shape(im)[:2]) >= self.crop]
+        from .data import large_enough
+
+        photos = [_as_uint8(im) for im in large_enough(images, self.patch, self.margin)]
         self.n_photos = len(photos)
         self.photo_fraction = float(photo_fraction) if photos else 0.0
         if self.photo_fraction < 1:

@@ -91,6 +91,26 @@ def dead_leaves(size: int, rng: np.random.Generator, *, r_min: float = 2.0, r_ma
 
 
 # -- datasets ------------------------------------------------------------------------
+def large_enough(images: Sequence[np.ndarray], patch: int, margin: int) -> list[np.ndarray]:
+    """The images that hold a ``patch`` and its ``margin`` on every side; a warning names how many do not.
+
+    ValueError when images were given and none is large enough: training would
+    otherwise go on silently on procedural images alone.
+    """
+    crop = patch + 2 * margin
+    kept = [im for im in images if min(np.shape(im)[:2]) >= crop]
+    if len(images) and not kept:
+        raise ValueError(f"none of the {len(images)} photographs is at least {crop} x {crop} px (a {patch} px patch "
+                         f"and its {margin} px margins): use larger images or a smaller --patch")
+    if len(kept) < len(images):
+        import warnings
+
+        warnings.warn(f"{len(images) - len(kept)} of {len(images)} photographs are smaller than {crop} x {crop} px "
+                      "and are left out", RuntimeWarning, stacklevel=3)
+    return kept
+
+
+
 class SyntheticPairs(torch.utils.data.IterableDataset):
     """Endless seeded stream of synthetically degraded patches.
 
@@ -118,7 +138,7 @@ class SyntheticPairs(torch.utils.data.IterableDataset):
     def __init__(self, images: Sequence[np.ndarray], patch: int = 128, *, photo_fraction: float = 0.8,
                  tasks: Sequence[str] = TASKS, seed: int = 0, margin: int = 32):
         cv2.setNumThreads(1)
-        self.images = [im for im in images if min(im.shape[:2]) >= patch + 2 * margin]
+        self.images = large_enough(images, patch, margin)
         self.patch = patch
         self.photo_fraction = photo_fraction if self.images else 0.0
         self.tasks = list(tasks)
@@ -264,14 +284,33 @@ class Mixed(torch.utils.data.IterableDataset):
 
 
 def load_photos(folders: Sequence[str | Path], max_side: int | None = None) -> list[np.ndarray]:
-    """Read every image under ``folders`` as float RGB (optionally downscaled)."""
-    photos = []
-    for path in list_images(folders):
-        img = read_rgb(path)
+    """Read every image under ``folders`` as float RGB (optionally downscaled).
+
+    An unreadable file (corrupt, truncated, not a picture) is left out with a
+    warning naming it: one bad file should not end a training run. If none can
+    be read, that is a ValueError.
+    """
+    photos, bad = [], []
+    paths = list_images(folders)
+    for path in paths:
+        try:
+            img = read_rgb(path)
+        except (ValueError, OSError) as err:
+            bad.append(f"{path} ({err})")
+            continue
         if max_side and max(img.shape[:2]) > max_side:
             f = max_side / max(img.shape[:2])
             img = cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
         photos.append(img)
+    if bad:
+        import warnings
+
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warnings.warn(f"left out {len(bad)} of {len(paths)} training images that cannot be read: {shown}",
+                      RuntimeWarning, stacklevel=2)
+        if not photos:
+            raise ValueError(f"none of the {len(paths)} training images in {', '.join(map(str, folders))} "
+                             "can be read")
     return photos
 
 

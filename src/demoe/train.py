@@ -173,6 +173,10 @@ class TrainConfig:
                     raise FileNotFoundError(f"--pairs {spec!r}: folder {Path(folder) / sub} not found")
 
 
+class TrainingDataError(ValueError):
+    """The training images cannot make batches (none readable, none large enough...)."""
+
+
 def _with_task(spec: str, option: str, form: str) -> tuple[str, str]:
     """``(path, task)`` of a ``PATH:TASK`` option value, or one clear error."""
     path, _, task = spec.rpartition(":")
@@ -376,7 +380,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 p.requires_grad_(False)
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     params = list(trained.values())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.9))
+    # On CUDA one fused kernel updates every parameter (instead of several launches per tensor).
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.9),
+                            fused=device.type == "cuda" or None)
 
     # The moving average of the trained parameters, from their initial values; frozen
     # parameters and buffers (batch-norm statistics) are taken from the model on export.
@@ -393,9 +399,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         step, record = int(state["step"]), json.loads(state["record"])
         print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
 
+    if ema is not None:  # the averages and the live parameters, in the same order
+        ema_pairs = ([ema[n] for n in trained], [p.detach() for p in trained.values()])
     # A resumed run draws fresh (but still seeded) data: the seed includes the step.
     data_cfg = dataclasses.replace(cfg, seed=cfg.seed * 1_000_003 + step)
-    it, n_photos, slices = training_batches(data_cfg, device)
+    try:
+        it, n_photos, slices = training_batches(data_cfg, device)
+    except (ValueError, OSError) as err:  # the photographs themselves: as much the user's input as an option
+        raise TrainingDataError(str(err)) from err
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -462,9 +473,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             if ema is not None:
-                with torch.no_grad():
-                    for name, p in trained.items():
-                        ema[name].lerp_(p.detach(), 1 - cfg.ema)
+                with torch.no_grad():  # one foreach call, not one kernel per tensor
+                    torch._foreach_lerp_(*ema_pairs, 1 - cfg.ema)
             step += 1
             speed.step()
             # Kept as tensors until a log line needs them: reading a number waits for the GPU.
@@ -624,6 +634,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     try:
         path = train(cfg, progress=not args.no_progress and sys.stderr.isatty())  # a log gets plain lines
+    except TrainingDataError as err:
+        print(f"demoe train: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # train() saved last.pt and said how to resume
         return 130
     print(f"wrote {path}")
