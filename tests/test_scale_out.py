@@ -2,6 +2,7 @@
 in dask's tasks, and dask.distributed (the model put on each worker once and loaded there once, the device
 picked there). The speed targets are benchmarks/scale_out.py's."""
 
+import sys
 import threading
 import warnings
 
@@ -226,6 +227,17 @@ def test_model_object_sent_to_each_worker_once_not_in_the_graph(cluster, tmp_pat
             np.testing.assert_allclose(out, ref, atol=1e-6)
     assert not [w for w in caught if "large graph" in str(w.message)]
     assert _loads(cluster, "demoe-model-") == [1, 1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_workers_malloc_thresholds_suit_torch(cluster, tmp_path):
+    """dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536, which halved torch's speed: the workers raise it."""
+    import os
+
+    assert set(cluster.run(lambda: int(os.environ["MALLOC_TRIM_THRESHOLD_"])).values()) == {65536}
+    img = np.random.default_rng(2).random((96, 96)).astype(np.float32)
+    deblur(_zarr(tmp_path, img, (32, 32)), model=tiny(), task="defocus", tile_size=32, overlap=4).compute()
+    assert list(cluster.run(lambda: _chunks._malloc_set).values()) == [_chunks.MALLOC_THRESHOLDS] * 2
 
 
 def test_checkpoint_file_loaded_once_per_worker(cluster, tmp_path):

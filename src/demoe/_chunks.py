@@ -20,7 +20,9 @@ runs torch on the threads dask gives it (:func:`demoe.devices.chunk_threads`).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,14 @@ from .checkpoint import cached_model, checkpoint_file, registered_model
 from .devices import AUTO_PRECISION, DEFAULT_BATCH, chunk_threads, resolve_device
 from .model import DeMoE
 from .routing import lazy_image_routing, plane_reader, routing_info
+
+#: glibc malloc's trim and mmap thresholds for the chunk tasks on a dask.distributed worker. dask's nanny
+#: starts workers with MALLOC_TRIM_THRESHOLD_=65536 (freed memory handed back to the system at once), which
+#: also pins glibc's mmap threshold at 128 KiB: every large tensor then comes fresh from the kernel, and
+#: deblur() ran half as fast there (7x the page faults). These are about what glibc's own dynamic
+#: thresholds rise to; with them a worker ran as fast as a process without the setting.
+MALLOC_THRESHOLDS = {"trim": 64 * 2**20, "mmap": 32 * 2**20}
+_malloc_set: dict[str, int] | None = None  # what this process set, once
 
 #: Tiles along each side of a chunk: the input's chunks rounded to whole tiles, then at least the first
 #: (smaller chunks cost more in tasks and borders passed between them than they gain) and at most the
@@ -223,6 +233,7 @@ def _tile_sums(space: np.ndarray, *, spec: ChunkPlan, probs, grid: Grid, jobs, b
     """Stage 1: the windowed sum of the tiles that start in this chunk (``space``: the pixels they read)."""
     where = block_info[0]["chunk-location"]
     ay, ax = grid.piece(0, where[-3]), grid.piece(1, where[-2])
+    _malloc_for_torch()
     plan = spec.plan()
     net = plan.net
     sums = np.zeros(space.shape, np.float32)
@@ -239,6 +250,27 @@ def _tile_sums(space: np.ndarray, *, spec: ChunkPlan, probs, grid: Grid, jobs, b
                     total = total.mean(axis=0, keepdims=True)
                 sums[p][..., chans] = total.transpose(1, 2, 0)
     return sums
+
+
+def _malloc_for_torch() -> None:
+    """On a dask.distributed worker whose MALLOC_TRIM_THRESHOLD_ is below :data:`MALLOC_THRESHOLDS`' (dask's
+    nanny sets 64 KiB), raise glibc's trim and mmap thresholds to them, once per process."""
+    global _malloc_set
+    if _malloc_set is not None:
+        return
+    _malloc_set = {}
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = int(os.environ["MALLOC_TRIM_THRESHOLD_"])
+        sys.modules["distributed"].get_worker()
+        mallopt = ctypes.CDLL(None).mallopt  # glibc (Linux); elsewhere there is no such setting to undo
+    except (KeyError, ValueError, AttributeError, OSError):
+        return
+    if trim < MALLOC_THRESHOLDS["trim"]:
+        for name, option in (("trim", -1), ("mmap", -3)):  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+            if mallopt(option, MALLOC_THRESHOLDS[name]) == 1:
+                _malloc_set[name] = MALLOC_THRESHOLDS[name]
 
 
 def _add_neighbours(sums: np.ndarray, *, overlap: int, block_info=None) -> np.ndarray:
