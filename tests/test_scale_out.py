@@ -42,7 +42,8 @@ def test_chunks_are_a_few_whole_tiles_and_regular(length, tile, chunk):
         assert lo <= sizes[0] // axis.stride <= want and sizes[0] // axis.stride > want / 2
 
 
-CASES = {  # shape, chunks, options: colour, gray, RGBA, stacks, BGR, integers, tile routing, ensemble, no overlap
+CASES = {  # shape, chunks, options: colour, gray, RGBA, stacks, BGR, integers, tile routing, ensemble, no overlap,
+    # chunks of 1 px, of a channel, of the whole image
     "rgb": ((90, 70, 3), (40, 35, 3), dict(tile_size=16, overlap=4)),
     "tiny chunks": ((2, 100, 130), (1, 9, 7), dict(tile_size=32, overlap=8)),
     "one huge chunk": ((300, 260), (300, 260), dict(tile_size=32, overlap=4)),
@@ -51,6 +52,8 @@ CASES = {  # shape, chunks, options: colour, gray, RGBA, stacks, BGR, integers, 
     "tile routing, ensemble": ((80, 90, 3), (40, 40, 3), dict(tile_size=32, overlap=8, routing="tile", ensemble=2)),
     "no overlap": ((64, 100), (32, 32), dict(tile_size=32, overlap=0)),
     "smaller than a tile": ((5, 7), (2, 3), {}),
+    "1 px chunks": ((45, 61, 3), (1, 1, 1), dict(tile_size=32, overlap=4)),
+    "4-D: planes of colour": ((2, 70, 50, 3), (1, 30, 25, 1), dict(tile_size=32, overlap=4)),
 }
 
 
@@ -251,3 +254,29 @@ def test_checkpoint_file_loaded_once_per_worker(cluster, tmp_path):
     np.testing.assert_allclose(out, deblur(img, model=path, task="defocus", tile_size=32, overlap=4,
                                            preserve_mean=False), atol=1e-6)
     assert _loads(cluster, "tiny8.safetensors") == [1, 1]
+
+
+def test_checkpoint_missing_on_a_worker_is_one_clear_error(cluster, tmp_path):
+    """A path the client sees but a worker does not (no shared file system): the worker says so."""
+    path = save_model(tiny(6, width=8), tmp_path / "only_here.safetensors")
+    img = np.random.default_rng(3).random((64, 64)).astype(np.float32)
+    lazy = deblur(_zarr(tmp_path, img, (32, 32)), model=path, task="defocus", tile_size=32, overlap=4)
+    path.unlink()  # read on the client when deblur() was called; gone when the workers look for it
+    with pytest.raises(FileNotFoundError, match=r"checkpoint not found where this chunk is computed: .*"
+                                                r"only_here.safetensors .*worker tcp://.* does not see that path"):
+        lazy.compute()
+
+
+def test_client_closed_mid_compute_leaves_the_cluster_usable(cluster, tmp_path):
+    """The computation is cancelled; the model another Client put on the workers serves the next one."""
+    distributed = pytest.importorskip("distributed")
+    model = tiny(7)
+    img = np.random.default_rng(4).random((160, 160)).astype(np.float32)
+    lazy = _zarr(tmp_path, img, (32, 32))
+    with distributed.Client(cluster.cluster) as other:  # the active Client while deblur() is called
+        out = deblur(lazy, model=model, task="defocus", tile_size=32, overlap=4)
+        running = other.compute(out)
+    with pytest.raises(distributed.client.FutureCancelledError):
+        running.result()
+    np.testing.assert_allclose(cluster.compute(out).result(), deblur(img, model=model, task="defocus", tile_size=32,
+                                                                     overlap=4, preserve_mean=False), atol=1e-6)

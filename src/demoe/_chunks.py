@@ -123,7 +123,14 @@ class ModelRef:
         if self.kind == "packaged":
             return cached_model(None, device)
         if self.kind == "file":
-            return cached_model(self.name, device)
+            try:
+                return cached_model(self.name, device)
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"checkpoint not found where this chunk is computed: {self.name} (deblur() saw it, but each "
+                    f"dask.distributed worker loads it itself: {_where()} does not see that path); put it on a "
+                    "file system the workers share, at the same absolute path, or pass the model instead "
+                    "(model=demoe.load_model(path), with the Client active: it is sent to the workers)") from None
         if self.kind == "registered":
             return registered_model(self.name, device)
         self.device = str(device)  # a copy of its own (unpickled): moved once
@@ -143,6 +150,17 @@ def model_ref(model, plan: DeblurPlan) -> ModelRef:
 
         return ModelRef("registered", share_model(client, plan.net), plan.net, device)
     return ModelRef("object", None, plan.net, device)
+
+
+def _where() -> str:
+    """This process as an error names it: its dask.distributed worker, or its host."""
+    import socket
+
+    distributed = sys.modules.get("distributed")
+    try:
+        return f"worker {distributed.get_worker().address}"
+    except (AttributeError, ValueError):
+        return f"process {os.getpid()} on {socket.gethostname()}"
 
 
 def _active_client():
