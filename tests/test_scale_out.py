@@ -52,7 +52,7 @@ CASES = {  # shape, chunks, options: colour, gray, RGBA, stacks, BGR, integers, 
     "tile routing, ensemble": ((80, 90, 3), (40, 40, 3), dict(tile_size=32, overlap=8, routing="tile", ensemble=2)),
     "no overlap": ((64, 100), (32, 32), dict(tile_size=32, overlap=0)),
     "smaller than a tile": ((5, 7), (2, 3), {}),
-    "1 px chunks": ((45, 61, 3), (1, 1, 1), dict(tile_size=32, overlap=4)),
+    "1 px chunks": ((30, 40), (1, 1), dict(tile_size=16, overlap=4)),
     "4-D: planes of colour": ((2, 70, 50, 3), (1, 30, 25, 1), dict(tile_size=32, overlap=4)),
 }
 
