@@ -15,7 +15,7 @@ the worker), after a warm-up on a small crop (the model loaded; on the cluster,
 on every worker); the three run one after the other, ``--rounds`` times,
 interleaved, and each round's ratios to the numpy path are printed. The
 dask results are compared with the numpy path's (PSNR). Run from the
-repository root: ``python benchmarks/scale_out.py`` (22 min on 2 cores at a load average of 6).
+repository root: ``python benchmarks/scale_out.py`` (3.5 min for 2 rounds on 2 cores at a load average of 2).
 Prints a Markdown table (also written to docs/benchmarks/scale_out.md).
 """
 
