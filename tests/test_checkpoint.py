@@ -240,3 +240,71 @@ def test_header_architecture_must_match_the_parameters(tmp_path, tiny_model):
     with pytest.raises(CheckpointError, match=r"the header records the architecture .*'width': 8.*, but the "
                                               r"parameters are those of .*'width': 4"):
         load_model(path, device="cpu")
+
+
+# -- models that travel (dask.distributed workers) and the process's cache ---------------------
+def test_model_bytes_roundtrip_and_digest(tiny_model):
+    from demoe.checkpoint import model_bytes, model_digest, model_from_bytes
+
+    tiny_model.top_k = 2
+    tiny_model.metadata = {"patch_size": 64, "training": {"steps": 3}, "note": "x"}
+    loaded = model_from_bytes(model_bytes(tiny_model))
+    assert (loaded.top_k, loaded.metadata["patch_size"], loaded.metadata["note"]) == (2, 64, "x")
+    x = torch.rand(2, 3, 9, 30)
+    for a, b in zip(_outputs(tiny_model, x), _outputs(loaded, x)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    digest = model_digest(tiny_model)
+    assert model_digest(loaded) == digest  # equal models, one name (the bytes' header order may differ)
+    loaded.metadata = dict(reversed(list(loaded.metadata.items())))
+    assert model_digest(loaded) == digest
+    with torch.no_grad():
+        loaded.ending.bias[0] += 1e-6
+    assert model_digest(loaded) != digest
+    with pytest.raises(CheckpointError, match="not the bytes of a safetensors file"):
+        model_from_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+
+
+def test_model_bytes_refuse_what_files_refuse(tiny_model):
+    from safetensors.torch import save
+
+    from demoe.checkpoint import model_from_bytes
+
+    state = {k: v.contiguous() for k, v in tiny_model.state_dict().items() if not k.startswith("ending")}
+    with pytest.raises(CheckpointError, match=r"(?s)registered model: .*missing \(2\): ending.bias, ending.weight"):
+        model_from_bytes(save(state), origin="registered model")
+
+
+def test_cache_reloads_a_rewritten_file_and_counts_loads(tmp_path, tiny_model):
+    from demoe.checkpoint import cached_model, clear_model_cache, model_loads
+
+    clear_model_cache()
+    path = save_model(tiny_model, tmp_path / "m.safetensors")
+    first = cached_model(path, "cpu")
+    assert cached_model(path, "cpu") is first and model_loads() == {(str(path.resolve()), "cpu"): 1}
+    tiny_model.metadata = {"note": "retrained"}
+    save_model(tiny_model, path)  # rewritten: loaded again, not the old one
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # also within one clock tick
+    assert cached_model(path, "cpu").metadata["note"] == "retrained"
+    assert model_loads() == {(str(path.resolve()), "cpu"): 2}
+    clear_model_cache()
+    assert model_loads() == {}
+
+
+def test_registered_models_are_built_once_and_forgotten_with_the_last(tiny_model):
+    from demoe.checkpoint import model_loads, register_model, registered_model, unregister_model
+
+    built = []
+
+    def build():
+        built.append(1)
+        return tiny_model
+
+    register_model("demoe-model-test", build)
+    register_model("demoe-model-test", build)  # two workers in one process
+    assert len(built) == 1 and registered_model("demoe-model-test", "cpu") is tiny_model
+    assert model_loads()[("demoe-model-test", "cpu")] == 1
+    unregister_model("demoe-model-test")
+    assert registered_model("demoe-model-test", "cpu") is tiny_model
+    unregister_model("demoe-model-test")
+    with pytest.raises(LookupError, match="demoe-model-test is not on this worker"):
+        registered_model("demoe-model-test", "cpu")

@@ -413,6 +413,7 @@ def test_zarr_in_zarr_out(tmp_path, identity_model, monkeypatch, capsys):
     assert re.search(r"big\.zarr: +\d+%.*\d+/\d+ \[.*task/s", capsys.readouterr().err)  # progress as dask computes
     out = zarr.open(str(tmp_path / "out" / "big_deblurred.zarr"), mode="r")
     np.testing.assert_array_equal(out[:], img)
+    assert out.chunks == (32, 24)  # written as it was read (deblur() computes in chunks of whole tiles)
 
 
 @pytest.mark.parametrize("zarr_format", [2, 3])

@@ -70,6 +70,9 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 SMALL = {  # inputs the README's Python blocks name, made small here (each must still be in the README)
     "data.astronaut()": "data.astronaut()[:48, :64]",
     '("astronaut", "coffee", "chelsea")': '("astronaut",)',
+    'Client("tcp://scheduler:8786")': 'Client(n_workers=1, processes=False, dashboard_address=None)',
+    '"/shared/in.zarr"': '"in.zarr"',  # written by _small_examples
+    '"/shared/out.zarr"': '"out.zarr"',
 }
 
 
@@ -85,6 +88,9 @@ def _small_examples(root: Path) -> None:
             tifffile.imwrite(out / src.name, tifffile.imread(src)[..., :64, :64])
         else:
             assert cv2.imwrite(str(out / src.name), cv2.imread(str(src), cv2.IMREAD_UNCHANGED)[:64, :64])
+    import dask.array as da
+
+    da.from_array(cv2.imread(str(out / "chelsea_camera_shake.jpg")), chunks=(32, 32, 3)).to_zarr(str(root / "in.zarr"))
 
 
 def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch, capsys, packaged_onnx):
@@ -111,6 +117,7 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch, capsys, pack
     assert set(eval(printed[1])) == set(demoe.TASKS)  # info["probabilities"]: all five
     assert (tmp_path / "chelsea_deblurred.jpg").is_file() and (tmp_path / "my_sharp" / "astronaut.png").is_file()
     assert printed[3] in demoe.TASKS  # the exported model's routing, in onnxruntime (after the dask block's dtype)
+    assert (tmp_path / "out.zarr").is_dir()  # the dask.distributed block's result
 
 
 def _shell_commands():

@@ -102,3 +102,31 @@ def test_tile_crop_slices_and_gathers_alike(h, w, r0, c0, th, tw):
     rows = reflect_index(np.arange(r0, r0 + th), h)
     cols = reflect_index(np.arange(c0, c0 + tw), w)
     np.testing.assert_array_equal(crop(plane, rows, cols), plane[rows[:, None], cols[None, :]])
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(1, 120), w=st.integers(1, 120), tile=st.sampled_from([16, 24, 32]), ovl=st.integers(0, 7),
+       cut_y=st.integers(1, 4), cut_x=st.integers(1, 4))
+def test_tile_sums_of_pieces_add_up_to_the_stitch(h, w, tile, ovl, cut_y, cut_x):
+    # dask chunks: each piece of the grid summed apart, the sums added where they overlap.
+    from demoe.tiling import Axis, tile_sum
+
+    img = np.random.default_rng(h * 1000 + w).random((2, h, w), dtype=np.float32)
+    fn = lambda b: np.tanh(3 * b) + b.mean(axis=(2, 3), keepdims=True)  # noqa: E731 - depends on the whole tile
+    ref, _ = _run(img, fn, tile, ovl)
+    ay, ax = plan_axis(h, tile, ovl, 4), plan_axis(w, tile, ovl, 4)
+    rows, cols = reflect_index(np.arange(-ovl, ay.count * ay.stride), h), reflect_index(
+        np.arange(-ovl, ax.count * ax.stride), w)
+    space = img[:, rows[:, None], cols[None, :]]  # what the tiles read, from the first one's start
+    total = np.zeros_like(space)
+    for y0, y1 in zip(*[np.linspace(0, ay.count, cut_y + 1).astype(int)[k:] for k in (0, 1)]):
+        for x0, x1 in zip(*[np.linspace(0, ax.count, cut_x + 1).astype(int)[k:] for k in (0, 1)]):
+            if y1 == y0 or x1 == x0:
+                continue
+            py = Axis(0, ay.tile, ovl, y1 - y0)
+            px = Axis(0, ax.tile, ovl, x1 - x0)
+            r0, c0 = y0 * ay.stride, x0 * ax.stride
+            piece = space[:, r0 : r0 + py.count * py.stride + ovl, c0 : c0 + px.count * px.stride + ovl]
+            total[:, r0 : r0 + piece.shape[1], c0 : c0 + piece.shape[2]] += tile_sum(
+                lambda r, c, piece=piece: piece[:, r[:, None], c[None, :]], fn, py, px, batch_size=2)
+    np.testing.assert_allclose(total[:, ovl : ovl + h, ovl : ovl + w], ref, atol=1e-5)

@@ -88,12 +88,12 @@ class Input:
 
 
 def make_plan(image, *, task, model, channel_axis, tile_size, overlap, routing, normalize, device, batch_size,
-              streams, bgr, preserve_mean, tlc, precision, ensemble, nan_policy,
+              streams, bgr, preserve_mean, tlc, precision, ensemble, nan_policy, chunks=None,
               caller: str = "deblur") -> tuple[DeblurPlan, Input]:
     """Check ``deblur()``'s arguments (one clear error for the first that is wrong) and plan the call."""
     arr, is_dask = check_image(image, caller)
     task = None if task == AUTO else task
-    _check_options(task, routing, precision, ensemble, preserve_mean, nan_policy, is_dask)
+    _check_options(task, routing, precision, ensemble, preserve_mean, nan_policy, is_dask, chunks)
     axis = resolve_channel_axis(arr.shape, channel_axis)
     if is_session(model):  # onnxruntime: its session's providers choose where it runs
         _check_session_options(device, precision)
@@ -115,7 +115,7 @@ def make_plan(image, *, task, model, channel_axis, tile_size, overlap, routing, 
     return plan, inp
 
 
-def _check_options(task, routing, precision, ensemble, preserve_mean, nan_policy, is_dask) -> None:
+def _check_options(task, routing, precision, ensemble, preserve_mean, nan_policy, is_dask, chunks) -> None:
     if task is not None:
         task_index(task, auto=True)
     if routing not in ("image", "tile"):
@@ -133,6 +133,12 @@ def _check_options(task, routing, precision, ensemble, preserve_mean, nan_policy
                          "compute it first (np.asarray(image)) or leave preserve_mean at None")
     if nan_policy not in ("raise", "keep"):
         raise ValueError(f"nan_policy must be 'raise' or 'keep', got {nan_policy!r}")
+    if chunks is not None and (not isinstance(chunks, str) or chunks != "input"):
+        raise ValueError(f"chunks must be None (the result in the chunks it is computed in) or 'input' (in the "
+                         f"input's chunks), got {chunks!r}")
+    if chunks is not None and not is_dask:
+        raise ValueError("chunks='input' is for dask input (the chunks of a lazy result); this image is not a dask "
+                         "array")
 
 
 def _network(model, device: torch.device) -> DeMoE | OnnxDeMoE:

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from . import tiling
-from ._arrays import AUTO, channel_jobs, finite_chunk, from_unit, match_mean, without_holes
+from ._arrays import AUTO, channel_jobs, from_unit, match_mean
+from ._chunks import deblur_dask
 from ._plan import DeblurPlan, make_plan
 from ._runner import Runner
 from .devices import tile_streams
 from .model import DeMoE
-from .routing import experts_used, image_routing, lazy_image_routing, plane_reader, routing_info
+from .routing import experts_used, image_routing, plane_reader, routing_info
 
 
 def deblur(
@@ -50,6 +51,7 @@ def deblur(
     precision: str = "auto",
     ensemble: int = 1,
     nan_policy: str = "raise",
+    chunks: str | None = None,
 ):
     """Deblur an image with DeMoE.
 
@@ -59,7 +61,9 @@ def deblur(
         Gray ``(M, N)``, colour ``(M, N, 3)``, RGBA ``(M, N, 4)`` (alpha passed
         through untouched), any other channel count (each channel restored as
         gray), with any leading axes (Z, T, ...) restored plane by plane. A
-        dask array gives a lazy dask array back, computed chunk by chunk. A
+        dask array gives a lazy dask array back, computed chunk by chunk
+        wherever dask computes it (threads, a dask.distributed cluster; see
+        ``chunks``), with the numpy path's result. A
         ``numpy.ma`` masked array gives a masked array back, with the same
         mask: masked pixels are restored around (as NaN under
         ``nan_policy='keep'``) and keep their values.
@@ -67,7 +71,12 @@ def deblur(
         None/'auto' lets the model recognise the blur; a name forces that expert.
     model : DeMoE, path or onnxruntime.InferenceSession, optional
         A loaded model or a checkpoint file. Default: the packaged model
-        (loaded once per device). Or a session of a model exported by
+        (loaded once per device). For dask input the tasks carry a reference
+        to it: each process that computes them loads the packaged model or
+        the file (which it must see) once per device; a model object is put
+        on the workers of the active dask.distributed Client once, when
+        ``deblur()`` is called (without a Client, threads share it).
+        Or a session of a model exported by
         ``demoe export onnx``: onnxruntime runs the network (the same tiling,
         dtypes and routing; float32 on the session's providers, so no
         ``device``, and ``tlc`` only for tiles no larger than its window).
@@ -88,7 +97,10 @@ def deblur(
         (uint16, other integers, other floats) by its 0.1 / 99.9 percentiles;
         the result is mapped back by the exact inverse.
     device : str, optional
-        None -> cuda, else mps, else cpu.
+        None -> cuda, else mps, else cpu. For dask input None is decided
+        where each chunk is computed: each dask.distributed worker picks its
+        own (its GPU under dask-cuda), with that device's ``batch_size`` and
+        ``precision`` unless they are given.
     batch_size : int, optional
         Tiles per network call (default 1 on CPU, 8 on MPS, 16 on CUDA).
     streams : int, optional
@@ -107,11 +119,12 @@ def deblur(
         dask's own diagnostics show that), so asking for progress there warns.
     return_info : bool
         Also return a dict: routing probabilities per task, the task used,
-        tiles, device, precision, tile size, overlap, batch size, streams, seconds;
-        for numpy input also ``tile_shape`` (the tiles actually used: the planner
-        may shrink ``tile_size`` to fit the image) and ``computed`` (pixels the
-        network computed per image pixel, the cost of overlap, margins and
-        ``ensemble``; None for dask input). With ``routing='tile'`` on numpy
+        tiles, device, precision, tile size, overlap, batch size, streams, seconds,
+        ``tile_shape`` (the tiles actually used: the planner may shrink
+        ``tile_size`` to fit the image) and ``computed`` (pixels the network
+        computed per image pixel, the cost of overlap, margins and
+        ``ensemble``); for dask input, as planned in the calling process (one
+        stream per chunk). With ``routing='tile'`` on numpy
         input, ``tile_tasks`` counts the tiles each expert restored (the
         ``task`` is then the top of the tiles' mean routing).
     preserve_mean : bool, optional
@@ -151,6 +164,13 @@ def deblur(
         smooth continuation of the pixels around them (a Gaussian-weighted
         mean of the finite pixels nearby, sigma 4 px; the plane's median far
         from any), which costs one float32 copy of the image.
+    chunks : {None, 'input'}
+        Dask input only. The work is cut into chunks of a few whole tiles
+        (the input's chunks rounded to whole tiles, 2 to 8 along each side),
+        each tile computed once, in the chunk where it starts, and added to
+        its neighbours' over the tile overlap (no more); None (default)
+        gives the result in those chunks, ``'input'`` in the input's (as
+        ``demoe deblur`` writes zarr stores).
 
     Returns
     -------
@@ -183,12 +203,14 @@ def deblur(
     plan, inp = make_plan(image, task=task, model=model, channel_axis=channel_axis, tile_size=tile_size,
                           overlap=overlap, routing=routing, normalize=normalize, device=device, batch_size=batch_size,
                           streams=streams, bgr=bgr, preserve_mean=preserve_mean, tlc=tlc, precision=precision,
-                          ensemble=ensemble, nan_policy=nan_policy)
+                          ensemble=ensemble, nan_policy=nan_policy, chunks=chunks)
     if inp.is_dask:
         if progress:
             warnings.warn("progress is not reported for dask input: the result is lazy and computed later; "
                           "wrap its computation in tqdm.dask.TqdmCallback() for a bar", RuntimeWarning, stacklevel=2)
-        out, info = _deblur_dask(inp.moved, plan)
+        plan = dataclasses.replace(plan, streams=1)  # dask runs chunks in parallel: one tile stream each
+        out, info = deblur_dask(inp.moved, plan, model=model, device=device, batch_size=batch_size,
+                                precision=precision, chunks=chunks)
     else:
         out, info = _deblur_numpy(inp.network, plan, progress)
     out = inp.restored(out)
@@ -196,9 +218,8 @@ def deblur(
     return (out, info) if return_info else out
 
 
-def _deblur_numpy(moved: np.ndarray, plan: DeblurPlan, progress,
-                  fixed_probs: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """Restore a ``(..., H, W, C)`` array plane by plane; ``fixed_probs``: one routing for all of them."""
+def _deblur_numpy(moved: np.ndarray, plan: DeblurPlan, progress) -> tuple[np.ndarray, dict]:
+    """Restore a ``(..., H, W, C)`` array plane by plane."""
     net = plan.net
     *lead, h, w, c = moved.shape
     planes = moved.reshape(-1, h, w, c)
@@ -223,7 +244,7 @@ def _deblur_numpy(moved: np.ndarray, plan: DeblurPlan, progress,
                 first = len(records)  # this job's routing records start here
                 weights = None
                 if plan.routes_images:
-                    probs = fixed_probs if fixed_probs is not None else image_routing(read, h, w, plan, pool)
+                    probs = image_routing(read, h, w, plan, pool)
                     weights = torch.from_numpy(np.asarray(probs)).float().to(plan.device)[None]
                     records.append(probs)
                 runner = Runner(net, plan.device, plan.task, weights, record=records, precision=plan.precision,
@@ -243,34 +264,6 @@ def _deblur_numpy(moved: np.ndarray, plan: DeblurPlan, progress,
         info["tile_tasks"] = dict(Counter(experts_used(None, records, net)).most_common())
     info.update(tiles=total, tile_shape=summary["tile_shape"], computed=summary["computed"] * plan.ensemble)
     return out.reshape(moved.shape), info
-
-
-def _deblur_dask(moved, plan: DeblurPlan):
-    """Lazy: every chunk (all channels, overlapping neighbours) restored on demand."""
-    *lead, h, w, c = moved.shape
-    # Whole channel axis per chunk, one plane per chunk, spatial chunks as given.
-    moved = moved.rechunk({**{i: 1 for i in range(len(lead))}, moved.ndim - 1: -1})
-    probs = lazy_image_routing(moved, plan) if plan.routes_images else None
-    info = routing_info(plan.task, [] if probs is None else [probs], plan.net)
-    info.update(tiles=None, tile_shape=None, computed=None)  # planned per chunk, lazily
-    if plan.nan_policy == "raise" and moved.dtype.kind == "f":  # each chunk's own pixels, counted once
-        moved = moved.map_blocks(finite_chunk, dtype=moved.dtype)
-    margin = 2 * plan.overlap + plan.multiple  # context each chunk borrows from its neighbours
-    depth = {i: 0 for i in range(moved.ndim)}
-    depth[moved.ndim - 3] = min(margin, h)  # dask refuses a depth beyond the array
-    depth[moved.ndim - 2] = min(margin, w)
-    # Mean matching needs the whole plane; per chunk it could leave steps at chunk borders.
-    # dask's own threads already restore chunks in parallel: one tile stream per chunk.
-    chunk_plan = dataclasses.replace(plan, preserve_mean=False, streams=1)
-
-    def block_fn(block):
-        filled, holes = without_holes(block, plan.nan_policy)
-        out = _deblur_numpy(filled, chunk_plan, False, fixed_probs=probs)[0]
-        if holes is not None:
-            out[holes] = block[holes]
-        return out
-
-    return moved.map_overlap(block_fn, depth=depth, boundary="reflect", dtype=moved.dtype), info
 
 
 class _Progress:

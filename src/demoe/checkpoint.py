@@ -10,6 +10,8 @@ and shapes, never hard-coded (and checked against the header's record of it).
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import pickle
@@ -364,31 +366,151 @@ def load_model(
     return model.to(resolve_device(device)).eval()
 
 
-_models: dict[tuple[str | None, str], DeMoE] = {}  # (resolved file or None, device) -> model
+_models: dict[tuple, DeMoE] = {}  # (what: None, a file's version or a registered key; device) -> model
+_registered: dict[str, list] = {}  # key -> [model (on the CPU), registrations]
+_loads: dict[tuple[str, str], int] = {}  # (what, device) -> times loaded in this process
 _models_lock = threading.Lock()
+
+
+def _file_version(source: str | Path) -> tuple[str, int, int]:
+    """A checkpoint file as the cache knows it: its resolved path, modification time and size (a file rewritten
+    since it was loaded is loaded again)."""
+    path = checkpoint_file(Path(source).resolve())
+    try:
+        stat = path.stat()
+    except OSError:  # load_model says what is wrong
+        return str(path), 0, 0
+    return str(path), stat.st_mtime_ns, stat.st_size
 
 
 def cached_model(source: str | Path | None = None, device: str | torch.device | None = None, *,
                  load: bool = True) -> DeMoE | None:
     """:func:`load_model`, once per file and device: one model object for every caller of the process.
 
-    ``deblur()``'s default model, the napari widget and a script in napari's
-    console share it instead of loading copies. The model is shared: leave its
-    weights and attributes as they are. ``load=False`` returns None for a
-    model not loaded yet (nothing is read).
+    ``deblur()``'s default model, the napari widget, a script in napari's
+    console and ``deblur()``'s dask tasks (once per worker process) share it
+    instead of loading copies; a file rewritten since it was loaded is loaded
+    again. The model is shared: leave its weights and attributes as they are.
+    ``load=False`` returns None for a model not loaded yet (nothing is read).
     """
     dev = resolve_device(device)
-    key = (None if source is None else str(Path(source).resolve()), str(dev))
+    what = None if source is None else _file_version(source)
+    key = (what, str(dev))
     with _models_lock:
         if key not in _models and load:
             _models[key] = load_model(source, device=dev)
+            _count_load("packaged" if what is None else what[0], dev)
         return _models.get(key)
 
 
-def clear_model_cache() -> None:
-    """Forget the models :func:`cached_model` loaded (they are loaded again when next asked for)."""
+def _count_load(what: str, device: torch.device) -> None:
+    _loads[(what, str(device))] = _loads.get((what, str(device)), 0) + 1
+
+
+def model_loads() -> dict[tuple[str, str], int]:
+    """How many times this process loaded each model, by ``(what, device)``: ``what`` is ``'packaged'``, a
+    file's path or a registered key (:func:`register_model`). Once each, where the cache works."""
     with _models_lock:
-        _models.clear()
+        return dict(_loads)
+
+
+def register_model(key: str, build) -> None:
+    """Make ``build()``'s model (built once per process, on the CPU) the one :func:`registered_model` gives
+    for ``key``; each registration is undone by one :func:`unregister_model`. How a model object passed to
+    ``deblur()`` reaches the workers of a dask.distributed cluster (``demoe._cluster``)."""
+    with _models_lock:
+        entry = _registered.get(key)
+        if entry is None:
+            model = build().to("cpu").eval()
+            _registered[key] = entry = [model, 0]
+            _count_load(key, torch.device("cpu"))
+        entry[1] += 1
+
+
+def unregister_model(key: str) -> None:
+    """Undo one :func:`register_model`; the last one forgets the model (and its copies on devices)."""
+    with _models_lock:
+        entry = _registered.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _registered[key]
+            for k in [k for k in _models if k[0] == ("registered", key)]:
+                del _models[k]
+
+
+def registered_model(key: str, device: str | torch.device | None = None) -> DeMoE:
+    """The model registered as ``key`` in this process, on ``device`` (copied there once); LookupError if none."""
+    dev = resolve_device(device)
+    with _models_lock:
+        entry = _registered.get(key)
+        if entry is None:
+            raise LookupError(f"model {key} is not on this worker: it is sent to the workers of the dask.distributed "
+                              "Client that is active when deblur() is called; call deblur() again with this "
+                              "cluster's Client active")
+        model = entry[0]
+        if dev.type == "cpu":
+            return model
+        cache_key = (("registered", key), str(dev))
+        if cache_key not in _models:
+            _models[cache_key] = copy.deepcopy(model).to(dev).eval()
+            _count_load(key, dev)
+        return _models[cache_key]
+
+
+def clear_model_cache() -> None:
+    """Forget the models :func:`cached_model` loaded (they are loaded again when next asked for) and the
+    counts of :func:`model_loads`; registered models stay."""
+    with _models_lock:
+        for k in [k for k in _models if not (isinstance(k[0], tuple) and k[0][0] == "registered")]:
+            del _models[k]
+        _loads.clear()
+
+
+def _header(model: DeMoE, metadata: dict[str, Any]) -> dict[str, str]:
+    """The safetensors header of ``model``: its metadata, then ``metadata``, its architecture and ``top_k``."""
+    header = {k: json.dumps(v) for k, v in model.metadata.items()}
+    header.update({k: json.dumps(v) for k, v in metadata.items()})
+    header[_CONFIG_KEY] = json.dumps(model.config)
+    header[_TOP_K_KEY] = json.dumps(model.top_k)
+    return header
+
+
+def _cpu_tensors(model: DeMoE) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def model_bytes(model: DeMoE) -> bytes:
+    """``model`` as the bytes of a safetensors file (what :func:`save_model` writes), for
+    :func:`model_from_bytes`: a model that travels as data, never as pickled code."""
+    from safetensors.torch import save
+
+    return save(_cpu_tensors(model), metadata=_header(model, {}))
+
+
+def model_digest(model: DeMoE) -> str:
+    """A hash of ``model``'s weights, architecture and metadata: equal for equal models (unlike
+    :func:`model_bytes`, whose header lists the metadata in any order)."""
+    digest = hashlib.blake2b(json.dumps(_header(model, {}), sort_keys=True).encode(), digest_size=16)
+    for name, t in sorted(_cpu_tensors(model).items()):
+        digest.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_from_bytes(data: bytes, origin: str = "model bytes") -> DeMoE:
+    """The model :func:`model_bytes` wrote, checked and built as :func:`load_model` builds a file's."""
+    from safetensors.torch import load
+
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+        state_dict = load(data)
+    except (ValueError, UnicodeDecodeError, AttributeError) as err:
+        raise CheckpointError(f"{origin}: not the bytes of a safetensors file ({err})") from err
+    metadata = {k: _decode(v) for k, v in header.items() if k != "format"}
+    return model_from_state_dict(state_dict, metadata=metadata, origin=origin).eval()
 
 
 def save_model(model: DeMoE, path: str | Path, **metadata: Any) -> Path:
@@ -397,13 +519,7 @@ def save_model(model: DeMoE, path: str | Path, **metadata: Any) -> Path:
     Every metadata value must be JSON-serialisable; it is stored in the file's
     header and returned by :func:`load_model` as ``model.metadata``.
     """
-    path = Path(path)
-    header = {k: json.dumps(v) for k, v in model.metadata.items()}
-    header.update({k: json.dumps(v) for k, v in metadata.items()})
-    header[_CONFIG_KEY] = json.dumps(model.config)
-    header[_TOP_K_KEY] = json.dumps(model.top_k)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    return _write_safetensors(tensors, path, header)
+    return _write_safetensors(_cpu_tensors(model), Path(path), _header(model, metadata))
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> Path:

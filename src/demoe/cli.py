@@ -68,7 +68,7 @@ def _deblur_zarr(src: Path, dest: Path, kwargs: dict, quiet: bool = False, max_p
     from .files import read_zarr, write_zarr
 
     image = read_zarr(src, max_pixels)
-    out, info = deblur(image.data, return_info=True, **kwargs)
+    out, info = deblur(image.data, return_info=True, chunks="input", **kwargs)  # written in the input's chunks
     # dask computes the chunks as the store is written: a bar over its tasks (chunks read, restored, written).
     bar = (contextlib.nullcontext() if quiet else
            TqdmCallback(tqdm_class=tqdm, desc=src.name, unit="task", leave=False, mininterval=1.0))

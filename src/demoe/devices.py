@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -88,3 +90,68 @@ def tile_streams(streams: int):
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(total)
+
+
+# -- torch threads in dask tasks --------------------------------------------------------------
+_tasks_lock = threading.Lock()
+_tasks_running = 0  # chunk tasks inside chunk_threads() in this process
+_process_setting = 1  # torch's process-wide thread setting, put back when the last of them ends
+_thread = threading.local()  # per thread: its torch threads before any chunk task changed them
+
+
+def task_threads(own: int) -> int:
+    """torch threads for one dask task run in this thread, where torch would otherwise use ``own``.
+
+    On a dask.distributed worker, one: a worker runs as many tasks at once as
+    it has threads (``threads_per_worker``), so it uses that many cores, and
+    workers that share a node share its cores as dask divided them. In the
+    threaded scheduler's pool, ``own`` shared among the pool's threads. Else
+    (the synchronous scheduler), ``own``.
+    """
+    distributed = sys.modules.get("distributed")
+    if distributed is not None:
+        try:
+            distributed.get_worker()
+            return 1
+        except ValueError:  # not in a worker's task
+            pass
+    pool = _dask_pool(threading.current_thread())
+    return max(1, own // pool._max_workers) if pool is not None else own
+
+
+def _dask_pool(thread: threading.Thread):
+    """The pool of dask's threaded scheduler that ``thread`` belongs to, or None."""
+    threaded = sys.modules.get("dask.threaded")
+    if threaded is None:
+        return None
+    pools = [threaded.default_pool, *(p for per in list(threaded.pools.values()) for p in list(per.values()))]
+    return next((p for p in pools if p is not None and thread in getattr(p, "_threads", ())), None)
+
+
+@contextlib.contextmanager
+def chunk_threads():
+    """Run this thread's torch work on :func:`task_threads` threads; yields how many.
+
+    ``torch.set_num_threads`` sets the calling thread's count and the
+    process-wide one that threads starting meanwhile take: the process-wide
+    setting is put back when the last chunk task of the process ends.
+    """
+    global _tasks_running, _process_setting
+    with _tasks_lock:
+        now = torch.get_num_threads()
+        if now != getattr(_thread, "set_to", None):  # first seen, or set by someone else since: its own setting
+            # (a thread first seen while tasks run took their setting when it started: the process's is the one)
+            _thread.threads = now if _tasks_running == 0 else _process_setting
+        if _tasks_running == 0:
+            _process_setting = _thread.threads
+        _tasks_running += 1
+        threads = _thread.set_to = task_threads(_thread.threads)
+        torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        with _tasks_lock:
+            _tasks_running -= 1
+            if _tasks_running == 0:
+                torch.set_num_threads(_process_setting)
+                _thread.set_to = _process_setting

@@ -19,7 +19,7 @@ How it stays seam-free and small:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,17 +163,57 @@ def stitch(
     """
     ay = plan_axis(height, tile, overlap, multiple)
     ax = plan_axis(width, tile, overlap, multiple)
-    window = window_1d(ay)[:, None] * window_1d(ax)[None, :]  # raised cosine, partition of unity
-    vwidth = ax.count * ax.stride + ax.overlap  # virtual columns [-overlap, vwidth - overlap)
-    cols = ax.indices()
-
-    carry = None  # the last `overlap` rows of the previous band, already weighted
-    for i, rows in enumerate(ay.indices()):
+    for i, band in enumerate(_bands(read, fn, ay, ax, ay.indices(), ax.indices(), batch_size, progress)):
+        # Rows [y0, y0 + stride) get no more contributions; the rest is carried on.
         y0 = ay.start(i)
+        lo, hi = max(y0, 0), min(y0 + ay.stride, height)
+        if hi > lo:
+            write(lo, hi, band[:, lo - y0 : hi - y0, ax.overlap : ax.overlap + width])
+
+
+def tile_sum(
+    read: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    fn: Callable[[np.ndarray], np.ndarray],
+    ay: Axis,
+    ax: Axis,
+    *,
+    batch_size: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """The tiles of the grid ``ay`` x ``ax``, windowed and summed, over all the rows and columns they cover.
+
+    :func:`stitch` for a piece of a larger grid, computed apart from the
+    rest (a dask chunk): each tile of the large grid is computed in the piece
+    where it starts, and the sums of neighbouring pieces, which overlap by
+    ``overlap`` pixels, add up to the stitched image. ``read`` gets indices
+    from the piece's first tile on (tile ``i`` reads ``i * stride`` to
+    ``i * stride + tile``); returns ``(C', ay.count * ay.stride + ay.overlap,
+    ax.count * ax.stride + ax.overlap)`` float32.
+    """
+    def starts(axis):
+        return [np.arange(i * axis.stride, i * axis.stride + axis.tile) for i in range(axis.count)]
+
+    out = None
+    for i, band in enumerate(_bands(read, fn, ay, ax, starts(ay), starts(ax), batch_size, progress)):
+        if out is None:
+            out = np.empty((band.shape[0], ay.count * ay.stride + ay.overlap, band.shape[2]), np.float32)
+        out[:, i * ay.stride : (i + 1) * ay.stride] = band[:, : ay.stride]
+    out[:, ay.count * ay.stride :] = band[:, ay.stride :]  # the last row of tiles' lower overlap
+    return out
+
+
+def _bands(read, fn, ay: Axis, ax: Axis, rows: list[np.ndarray], cols: list[np.ndarray], batch_size: int,
+           progress) -> Iterator[np.ndarray]:
+    """Each row of tiles (``rows[i]`` x every ``cols[j]``), windowed and summed with the rows the one above
+    left unfinished: ``(C', ay.tile, vwidth)``, whose first ``ay.stride`` rows get nothing more."""
+    window = window_1d(ay)[:, None] * window_1d(ax)[None, :]  # raised cosine, partition of unity
+    vwidth = ax.count * ax.stride + ax.overlap  # the virtual columns the tiles cover
+    carry = None  # the last `overlap` rows of the previous band, already weighted
+    for row in rows:
         band = None
         for j0 in range(0, ax.count, batch_size):
             js = range(j0, min(j0 + batch_size, ax.count))
-            batch = np.stack([read(rows, cols[j]) for j in js]).astype(np.float32, copy=False)
+            batch = np.stack([read(row, cols[j]) for j in js]).astype(np.float32, copy=False)
             out = np.asarray(fn(batch), dtype=np.float32)
             if band is None:
                 band = np.zeros((out.shape[1], ay.tile, vwidth), np.float32)
@@ -184,10 +224,7 @@ def stitch(
                 band[:, :, x0 : x0 + ax.tile] += out[k] * window
             if progress is not None:
                 progress(len(js))
-        # Rows [y0, y0 + stride) get no more contributions; the rest is carried on.
-        lo, hi = max(y0, 0), min(y0 + ay.stride, height)
-        if hi > lo:
-            write(lo, hi, band[:, lo - y0 : hi - y0, ax.overlap : ax.overlap + width])
+        yield band
         carry = band[:, ay.stride :].copy() if ay.overlap else None
 
 
