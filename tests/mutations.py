@@ -104,9 +104,10 @@ MUTATIONS = [
              "    y = y.transpose(-1, -2) if k >= 4 else y\n    return y.flip(flips) if flips else y\n",
              ("test_api.py",),
              first=("test_api.py::test_ensemble_averages_the_restored_flips_and_transposes",)),
-    Mutation("dask_margin_short", "dask chunks borrow only one overlap of context from their neighbours", "api.py",
-             "margin = 2 * plan.overlap + plan.multiple", "margin = plan.overlap", ("test_api.py",),
-             first=("test_api.py::test_dask_is_lazy_and_matches",)),
+    Mutation("dask_neighbours_not_added", "a dask chunk's pixels leave out the tiles of the next chunks that overlap "
+             "them", "_chunks.py", "own[n : n + overlap] += own[n + overlap :]",
+             "own[n : n + overlap] += 0 * own[n + overlap :]", ("test_scale_out.py", "test_api.py"),
+             first=("test_scale_out.py::test_dask_gives_the_numpy_paths_result",)),
     Mutation("pickles_executed", "checkpoints are unpickled with weights_only=False", "checkpoint.py",
              "weights_only=True)", "weights_only=False)", ("test_checkpoint.py",),
              first=("test_checkpoint.py::test_pickled_code_is_refused_and_never_runs",)),
