@@ -26,8 +26,9 @@
 #   ROUND_QUICK=1    a cut-down comparison, for the CPU check in tests/test_round.py
 set -euo pipefail
 start=$SECONDS
-absolute() { case $1 in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
-fail() { echo "gpu_round.sh: $*" >&2; exit 2; }
+ROUND_NAME=gpu_round.sh
+# shellcheck source=round_common.sh
+. "$(dirname "$0")/round_common.sh"
 out=$(absolute "${1:?usage: gpu_round.sh OUT [demoe train options]}")
 shift
 photos=${ROUND_PHOTOS:+$(absolute "$ROUND_PHOTOS")}
@@ -42,20 +43,14 @@ budget=${ROUND_BUDGET_S:-420}
 reserve=${ROUND_RESERVE_S:-150}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-n=$( { find "$photos" -type f \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '*.png' -o -iname '*.tif' \
-  -o -iname '*.tiff' -o -iname '*.bmp' -o -iname '*.webp' \) 2>/dev/null || true; } | wc -l)
-[ "$n" -ge 1 ] || fail "no photographs in $photos: run examples/training/prepare_photos.sh first"
+require_photos "$photos"
 case "$(realpath -m "$init")/" in
   "$(realpath -m "$run")"/*) fail "ROUND_INIT ($init) is inside ROUND_RUN ($run), which a round empties first" ;;
 esac
 case "$(realpath -m "$out")/" in
   "$(realpath -m "$run")"/*) fail "OUT ($out) is inside ROUND_RUN ($run), which a round empties first" ;;
 esac
-cuda=$($py -c 'import torch; print(int(torch.cuda.is_available()))')
-if [ "$cuda" != 1 ] && { [ -z "${ROUND_PATCH:-}" ] || [ -z "${ROUND_BATCH:-}" ]; }; then
-  fail "no CUDA device: the round's batches (120 patches of 192 px) need a large GPU; to try it here, set" \
-    "ROUND_PATCH and ROUND_BATCH (e.g. 32 and 5)"
-fi
+require_cuda_or_sizes "$py"
 sizes=(--patch "${ROUND_PATCH:-192}" --batch "${ROUND_BATCH:-120}")
 mkdir -p "$out"
 rm -rf "$run"  # a round starts from ROUND_INIT, never from an older round's last.pt

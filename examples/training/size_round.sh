@@ -13,8 +13,9 @@
 # CUDA, ROUND_MINUTES, ROUND_SEED, ROUND_QUICK=1 for one image per OOD family, PYTHON), and
 # SIZE_RUNS (the run folders' parent, default runs).
 set -euo pipefail
-absolute() { case $1 in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
-fail() { echo "size_round.sh: $*" >&2; exit 2; }
+ROUND_NAME=size_round.sh
+# shellcheck source=round_common.sh
+. "$(dirname "$0")/round_common.sh"
 out=$(absolute "${1:?usage: size_round.sh OUT [demoe train options]}")
 shift
 photos=${ROUND_PHOTOS:+$(absolute "$ROUND_PHOTOS")}
@@ -24,14 +25,8 @@ photos=${photos:-$PWD/data/round/photos}
 runs=${runs:-$PWD/runs}
 py=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-n=$( { find "$photos" -type f \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '*.png' -o -iname '*.tif' \
-  -o -iname '*.tiff' -o -iname '*.bmp' -o -iname '*.webp' \) 2>/dev/null || true; } | wc -l)
-[ "$n" -ge 1 ] || fail "no photographs in $photos: run examples/training/prepare_photos.sh first"
-if [ "$($py -c 'import torch; print(int(torch.cuda.is_available()))')" != 1 ] \
-  && { [ -z "${ROUND_PATCH:-}" ] || [ -z "${ROUND_BATCH:-}" ]; }; then
-  fail "no CUDA device: the round's batches (120 patches of 192 px) need a large GPU; to try it here, set" \
-    "ROUND_PATCH and ROUND_BATCH (e.g. 32 and 5)"
-fi
+require_photos "$photos"
+require_cuda_or_sizes "$py"
 mkdir -p "$out"
 for w in ${SIZE_WIDTHS:-16 24}; do
   run=$runs/size-$w

@@ -111,14 +111,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"{path}: an ONNX graph, not PyTorch weights; onnxruntime runs it: "
                               "deblur(image, model=onnxruntime.InferenceSession(path))")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                state_dict = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+        state_dict, header = _read_safetensors(path)
         if _SHARD_KEY in header:
             raise CheckpointError(f"{path} is part {header[_SHARD_KEY]} of split weights: join all the parts first "
                                   "(python -m demoe.checkpoint join PART... -o FILE)")
@@ -493,10 +486,16 @@ def model_digest(model: DeMoE) -> str:
     """A hash of ``model``'s weights, architecture and metadata: equal for equal models (unlike
     :func:`model_bytes`, whose header lists the metadata in any order)."""
     digest = hashlib.blake2b(json.dumps(_header(model, {}), sort_keys=True).encode(), digest_size=16)
-    for name, t in sorted(_cpu_tensors(model).items()):
+    return _hash_tensors(digest, _cpu_tensors(model)).hexdigest()
+
+
+def _hash_tensors(digest, tensors: dict[str, torch.Tensor]):
+    """``digest`` (a hashlib object) updated with named tensors: names, dtypes, shapes and bytes, in name order."""
+    for name, t in sorted(tensors.items()):
+        t = t.detach().to("cpu").contiguous()
         digest.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return digest
 
 
 def model_from_bytes(data: bytes, origin: str = "model bytes") -> DeMoE:
@@ -552,14 +551,7 @@ _WHOLE_KEY = "shard_of"  # the SHA-256 of the whole file's tensors, in every sha
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 of named tensors (names, dtypes, shapes and bytes, in name order), whatever file they sit in."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return _hash_tensors(hashlib.sha256(), tensors).hexdigest()
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -534,12 +534,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 gain, ce_m, acc_m = torch.stack(running).mean(0).tolist()
                 running.clear()
-                if not (math.isfinite(gain) and math.isfinite(float(loss.detach()))):
-                    raise TrainingDiverged(f"training diverged at step {step} (loss {float(loss.detach())}, gain "
+                last_loss = float(loss.detach())
+                if not (math.isfinite(gain) and math.isfinite(last_loss)):
+                    raise TrainingDiverged(f"training diverged at step {step} (loss {last_loss}, gain "
                                            f"{gain}): no weights written; try a lower --lr or --grad-clip")
                 speed.sample_gpu()
                 shown = "" if cfg.router_only else f" gain {gain:+.2f} dB"  # no restoration to score
-                msg = f"step {step} loss {float(loss.detach()):.3f}{shown} ce {ce_m:.3f} route-acc {acc_m:.2f}"
+                msg = f"step {step} loss {last_loss:.3f}{shown} ce {ce_m:.3f} route-acc {acc_m:.2f}"
                 if speed.summary() and not progress:
                     msg += f" | {speed.line()}"
                 if bar is not None:
